@@ -1,0 +1,258 @@
+"""The GPT the seeds train: a baseline decoder plus every option of the record stack, each off by default."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+try:  # FlashAttention-3 (Hopper); optional
+    from flash_attn_interface import flash_attn_func as _fa3
+except ImportError:
+    _fa3 = None
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row symmetric int-k rounding with a straight-through gradient (late QAT)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-8)
+    q = (w / scale).round().clamp(-qmax, qmax) * scale
+    return w + (q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, matmul in the activation dtype; optional fake quantization."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = 0
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
+        return F.linear(x, w.to(x.dtype))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first 2*cos.size(-1) dims of each head; x is (B, T, H, D)."""
+    rd = cos.size(-1)
+    x1, x2, rest = x[..., :rd], x[..., rd:2 * rd], x[..., 2 * rd:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA)."""
+    if _fa3 is not None and q.is_cuda:
+        out = _fa3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        groups = q.size(1) // k.size(1)  # cuDNN's kernel takes equal head counts
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, xsa: bool, value_embed: bool):
+        super().__init__()
+        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.q = CastedLinear(cfg.dim, cfg.heads * self.head_dim)
+        self.k = CastedLinear(cfg.dim, cfg.kv_heads * self.head_dim)
+        self.v = CastedLinear(cfg.dim, cfg.kv_heads * self.head_dim)
+        self.proj = CastedLinear(cfg.heads * self.head_dim, cfg.dim, zero_init=True)
+        self.qk_norm, self.xsa = cfg.qk_norm, xsa
+        if cfg.qk_norm:
+            self.q_gain = nn.Parameter(torch.full((cfg.heads,), cfg.qk_gain_init))
+        self.gate = CastedLinear(cfg.dim, cfg.heads, zero_init=True) if cfg.head_gate else None
+        self.ve_scale = nn.Parameter(torch.ones(1)) if value_embed else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim)
+        k = self.k(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v(x).view(B, T, self.kv_heads, self.head_dim)
+        if self.ve_scale is not None and ve is not None:
+            v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.qk_norm:
+            q = q * self.q_gain.to(q.dtype)[:, None]
+        y = attention(q, k, v)
+        if self.xsa:  # exclusive self attention: remove each head's component along its own token's value
+            g = self.heads // self.kv_heads
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = y.view(B, T, self.kv_heads, g, self.head_dim)
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.head_dim)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.dim)
+        self.fc = CastedLinear(cfg.dim, hidden)
+        self.proj = CastedLinear(hidden, cfg.dim, zero_init=True)
+        self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        xsa = layer >= cfg.layers - cfg.xsa_last
+        self.attn = Attention(cfg, xsa, value_embed=layer >= cfg.layers - cfg.ve_last)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.dim), torch.zeros(cfg.dim))))
+        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.parallel = 0 <= cfg.parallel_from <= layer
+
+    def forward(self, x, x0, cos, sin, ve):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        h = rms_norm(x) * self.norm_scale
+        a = self.attn_scale.to(x.dtype) * self.attn(h, cos, sin, ve)
+        if self.parallel:
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
+        x = x + a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token), projected to the model width."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.emb = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.emb.weight, std=0.02)
+        self.proj = CastedLinear(dim, model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(idx[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1)
+        h[:, 0] = self.buckets - 1  # the first position has no previous token
+        return self.scale * self.proj(self.emb(h))
+
+
+class SmearGate(nn.Module):
+    """Blend each position with the previous one through a learned per-channel gate."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.dim % cfg.heads or cfg.heads % cfg.kv_heads:
+            raise ValueError("model.dim must divide by model.heads, and model.heads by model.kv_heads")
+        self.cfg = cfg
+        head_dim = cfg.dim // cfg.heads
+        self.rope_dims = (cfg.rope_dims or head_dim) // 2
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.embed_init_std)
+        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.dim) if cfg.bigram_buckets else None
+        self.smear = SmearGate(cfg.dim) if cfg.smear_gate else None
+        if cfg.ve_last:
+            self.ve_emb = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+            nn.init.normal_(self.ve_emb.weight, std=0.02)
+            self.ve_proj = CastedLinear(cfg.ve_dim, cfg.kv_heads * head_dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
+        self.n_encoder = cfg.layers // 2 if cfg.unet_skips else 0
+        if cfg.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.layers - self.n_encoder, cfg.dim))
+        self.lm_head = None if cfg.tied_embed else CastedLinear(cfg.dim, cfg.vocab_size, zero_init=True)
+        self.recurrence = False  # the trainer switches depth recurrence on after model.recur_after of training
+
+    def layer_order(self) -> list[int]:
+        order = list(range(self.cfg.layers))
+        if self.recurrence and self.cfg.recur_start >= 0:
+            s, e = self.cfg.recur_start, self.cfg.recur_end
+            order = order[:e + 1] + order[s:e + 1] + order[e + 1:]
+        return order
+
+    def _rope(self, T: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = 1.0 / self.cfg.rope_base ** (torch.arange(self.rope_dims, device=device, dtype=torch.float32) / self.rope_dims)
+        angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+        return angles.cos()[None, :, None].to(dtype), angles.sin()[None, :, None].to(dtype)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, dim): the input of the output head."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0 = x
+        cos, sin = self._rope(idx.size(1), idx.device, x.dtype)
+        ve = self.ve_proj(self.ve_emb(idx)) if self.cfg.ve_last else None
+        skips, seen = [], set()
+        for i in self.layer_order():
+            first = i not in seen
+            seen.add(i)
+            if first and self.n_encoder <= i and skips:
+                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0, cos, sin, ve)
+            if first and i < self.n_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, idx: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        h = self.hidden(idx)
+        logits = F.linear(h, self.head_weight().to(h.dtype)).float()
+        if self.cfg.logit_softcap:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits / temperature if temperature != 1.0 else logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats)."""
+        logits = self.logits(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token NLL (B, T) in nats."""
+        logits = self.logits(idx, temperature)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+    def quantizable_linears(self) -> dict[str, nn.Module]:
+        """Linear layers whose weights are worth GPTQ, by weight name."""
+        return {f"{n}.weight": m for n, m in self.named_modules() if isinstance(m, CastedLinear)}
+
+    def set_qat(self, bits: int) -> None:
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                m.qat_bits = bits
