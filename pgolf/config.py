@@ -29,7 +29,7 @@ class DataConfig:
     fineweb_variant: str = "sp1024"
     fineweb_mirror: str | None = None  # a local folder laid out like the Hub repo
     train_shards: int = 80
-    download_dir: str = "data/fineweb"
+    download_dir: str = "~/.cache/pgolf/fineweb"  # where Hub downloads land (resumable), outside the repo
 
 
 @dataclass

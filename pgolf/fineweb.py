@@ -73,7 +73,7 @@ def fetch(repo: str, variant: str, train_shards: int, download_dir: str | os.Pat
     """Fetch manifest, shards and tokenizer; returns local paths by kind and the tokenizer's vocab size."""
     from tqdm import tqdm
 
-    download_dir = Path(download_dir)
+    download_dir = Path(download_dir).expanduser()
     manifest_path = _fetch_one(f"{REMOTE_ROOT}/manifest.json", repo, mirror, download_dir)
     try:
         manifest = json.loads(Path(manifest_path).read_text())

@@ -1,0 +1,85 @@
+"""Hessians H = XᵀX of the inputs of every quantizable linear map, for GPTQ.
+
+Linear layers that read the same input tensor (q, k, v) share one H. The output head's H comes from
+the final hidden states; with tied embeddings it belongs to `tok_emb.weight`.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from .model import GPT
+
+
+def head_name(model: GPT) -> str:
+    return "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+
+
+@torch.no_grad()
+def generate(model: GPT, num_seqs: int, seq_len: int, temperature: float, bos: int, device: torch.device,
+             batch_seqs: int, seed: int) -> Iterator[torch.Tensor]:
+    """Sequences the model samples itself from BOS: calibration data that never touches training shards."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, num_seqs, batch_seqs):
+        b = min(batch_seqs, num_seqs - start)
+        idx = torch.full((b, 1), bos, dtype=torch.long, device=device)
+        while idx.size(1) < seq_len:
+            with _autocast(device):
+                logits = model.logits(idx[:, -seq_len:])[:, -1].float()
+            probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        yield idx
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
+                     progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+    """Accumulate fp32 XᵀX / n per distinct linear input; returns (H by key, weight name -> key, tokens)."""
+    device = next(model.parameters()).device
+    linears = {n: m for n, m in model.quantizable_linears().items() if m is not model.lm_head}
+    sums: dict[str, torch.Tensor] = {}
+    shared: dict[str, str] = {}
+    seen_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}  # holds the tensors so no address is reused
+    first_batch = True
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0]
+            if first_batch:  # map each weight to the first linear that read the same input tensor
+                key = (x.data_ptr(), tuple(x.shape), x.dtype)
+                shared[name] = seen_inputs.setdefault(key, (name, x))[0]
+            if shared[name] != name:
+                return
+            x = x.reshape(-1, x.size(-1)).float()
+            h = sums.get(name)
+            sums[name] = x.T @ x if h is None else h.addmm_(x.T, x)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    head = head_name(model)
+    tokens = 0
+    model.eval()
+    it = batches
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(batches, desc="calibrate", unit="batch")
+    try:
+        for idx in it:
+            idx = idx.to(device)
+            with _autocast(device):
+                h = model.hidden(idx)
+            h = h.reshape(-1, h.size(-1)).float()
+            sums[head] = h.T @ h if head not in sums else sums[head].addmm_(h.T, h)
+            tokens += idx.numel()
+            first_batch = False
+            seen_inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    shared[head] = head
+    return {k: v / tokens for k, v in sums.items()}, shared, tokens

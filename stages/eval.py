@@ -1,0 +1,71 @@
+"""eval: score artifacts/compress/model.blob on the whole validation split (run under stages.launch)."""
+
+import hashlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from pgolf import pack, stage
+from pgolf.config import ModelConfig, build, load_params
+from pgolf.data import byte_table, load_tokenizer, load_val_tokens, shard_paths
+from pgolf.errors import PgolfError
+from pgolf.evaluate import score, score_ttt
+from pgolf.io import read_json
+from pgolf.model import GPT
+from pgolf.train import init_runtime
+
+DATA = stage.ARTIFACTS / "tokenize" / "data"
+BLOB = stage.ARTIFACTS / "compress" / "model.blob"
+
+
+def load_blob_model(device: torch.device) -> GPT:
+    expected = read_json(stage.ARTIFACTS / "compress" / "metrics.json")["blob_sha256"]
+    blob = BLOB.read_bytes() if BLOB.exists() else b""
+    if not blob:
+        raise PgolfError(f"{BLOB}: missing or empty (run the compress stage)")
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != expected:
+        raise PgolfError(f"{BLOB}: sha256 {actual[:12]}... differs from {expected[:12]}... recorded by compress")
+    state, meta = pack.unpack(blob, str(BLOB))
+    model = GPT(build(ModelConfig, meta["config"], "model")).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return model
+
+
+def main() -> dict | None:
+    params = load_params()
+    cfg = params.eval
+    rt = init_runtime()
+    t0 = time.perf_counter()
+    model = load_blob_model(rt.device)
+    val_files = shard_paths(DATA, "val")
+    val = load_val_tokens(DATA, model.cfg.vocab_size)
+    table = byte_table(load_tokenizer(DATA / "tokenizer.model"))
+    record = {"ttt": "off"}
+    if cfg.ttt.enabled:
+        s, record = score_ttt(model, val, table, cfg.seq_len, cfg.stride, cfg.batch_seqs, cfg.ttt, cfg.temperature, rt.device)
+    else:
+        s = score(model, val, table, cfg.seq_len, cfg.stride, cfg.batch_seqs, cfg.temperature, rt.device,
+                  progress=rt.master)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if not rt.master:
+        return None
+    prequant = read_json(stage.ARTIFACTS / "ema" / "metrics.json")["prequant_val_bpb"]
+    cuda = rt.device.type == "cuda"
+    return {
+        "val_bpb": round(s.bpb, 6), "val_loss": round(s.loss, 6), "tokens": s.tokens, "bytes": s.bytes,
+        "eval_seconds": round(seconds, 3), "quant_gap": round(s.bpb - prequant, 6),
+        "gpu": torch.cuda.get_device_name(rt.device) if cuda else "cpu", "gpu_count": rt.world if cuda else 0,
+        "inputs": [p.name for p in val_files], "val_tokens_trained_before_scored": 0, **record,
+    }
+
+
+if __name__ == "__main__":
+    try:
+        stage.run(main, "eval")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

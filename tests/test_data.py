@@ -1,0 +1,169 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from conftest import FINEWEB_TOKENIZER, make_docs
+from pgolf import data, fineweb
+from pgolf.errors import PgolfError
+
+
+def test_shard_roundtrip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 65535, 10_001, dtype=np.uint16)
+    data.write_shard(tmp_path / "s.bin", tokens)
+    raw = np.fromfile(tmp_path / "s.bin", dtype="<i4", count=3)
+    assert raw.tolist() == [20240520, 1, 10_001]
+    assert (tmp_path / "s.bin").stat().st_size == 1024 + 2 * 10_001
+    np.testing.assert_array_equal(data.read_shard(tmp_path / "s.bin"), tokens)
+
+
+def corrupt(path, offset, value):
+    b = bytearray(path.read_bytes())
+    b[offset:offset + 4] = np.int32(value).tobytes()
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: corrupt(p, 0, 12345), "bad shard magic 12345, expected 20240520"),
+    (lambda p: corrupt(p, 4, 2), "unsupported shard version 2, expected 1"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-2]), "!= 1224 expected from the header's 100 tokens"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "shorter than the 1024-byte shard header"),
+    (lambda p: corrupt(p, 8, 99), "!= 1222 expected from the header's 99 tokens"),
+])
+def test_shard_corruption_is_one_clear_line(tmp_path, damage, message):
+    path = tmp_path / "val_000000.bin"
+    data.write_shard(path, np.arange(100, dtype=np.uint16))
+    damage(path)
+    with pytest.raises(PgolfError) as e:
+        data.read_shard(path)
+    assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_token_id_out_of_vocab(tmp_path):
+    data.write_shard(tmp_path / "a.bin", np.array([1, 2, 1024], dtype=np.uint16))
+    with pytest.raises(PgolfError, match=r"a.bin: token id 1024 >= vocab size 1024"):
+        data.read_shard(tmp_path / "a.bin", vocab_size=1024)
+    assert data.read_shard(tmp_path / "a.bin", vocab_size=1025).size == 3
+
+
+def byte_table_matches_decode(sp, seed):
+    table = data.byte_table(sp)
+    g = np.random.default_rng(seed)
+    normal = [i for i in range(sp.vocab_size()) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    texts = ["héllo wörld 東京 🙂", "  two  spaces\tand tab", "x" * 5 + " ü"]
+    for trial in range(60):
+        if trial % 3 == 0:  # random text with byte-fallback pieces that form valid UTF-8
+            ids = sp.encode(texts[trial % len(texts)] + " " + "".join(chr(g.integers(32, 0x2FFF)) for _ in range(20)))
+        else:
+            ids = g.choice(normal, size=int(g.integers(1, 60))).tolist()
+        seq = torch.tensor([sp.bos_id(), *ids])
+        counted = int(table.count(seq[:-1], seq[1:]).sum())
+        assert counted == len(sp.decode(ids).encode("utf-8")), (ids, sp.decode(ids))
+
+
+def test_byte_table_equals_decoded_utf8_length(sp):
+    byte_table_matches_decode(sp, 0)
+
+
+@pytest.mark.skipif(not FINEWEB_TOKENIZER.exists(), reason="needs ../shared/tokenizers/fineweb_8192_bpe.model")
+def test_byte_table_of_the_real_fineweb_tokenizer():
+    sp = data.load_tokenizer(FINEWEB_TOKENIZER)
+    assert sp.vocab_size() == 8192
+    byte_table_matches_decode(sp, 1)
+    table = data.byte_table(sp)
+    assert table.boundary[sp.bos_id()] and table.base[sp.piece_to_id("<0x41>")] == 1
+
+
+def write_corpus(folder, docs):
+    folder.mkdir()
+    with open(folder / "a.jsonl", "w") as f:
+        for d in docs[:30]:
+            f.write(json.dumps({"text": d}) + "\n")
+    cctx = zstandard.ZstdCompressor()
+    (folder / "b.jsonl.zst").write_bytes(cctx.compress("".join(json.dumps({"text": d}) + "\n" for d in docs[30:60]).encode()))
+    (folder / "c.txt").write_text(docs[60])
+
+
+def test_jsonl_source_streams_files_and_splits_val_first(tmp_path, sp):
+    docs = make_docs(61, seed=5)
+    write_corpus(tmp_path / "corpus", docs)
+    assert list(data.iter_documents([str(tmp_path / "corpus")])) == docs
+    out = tmp_path / "out"
+    out.mkdir()
+    splits = data.tokenize_documents(data.iter_documents([str(tmp_path / "corpus")]), sp, out, val_docs=7, shard_tokens=500)
+    assert splits["val"]["docs"] == 7 and splits["train"]["docs"] == 54
+    assert len(splits["train"]["shards"]) > 1 and all(s["tokens"] <= 500 for s in splits["train"]["shards"])
+    val = data.load_val_tokens(out)
+    assert int((val == sp.bos_id()).sum()) == 7 and val[0] == sp.bos_id()
+    expected = [sp.bos_id()] + [t for d in docs[:7] for t in ([*sp.encode(d), sp.bos_id()])][:-1]
+    assert val.tolist() == expected
+    table = data.byte_table(sp)
+    assert int(table.count(val[:-1], val[1:]).sum()) == sum(len(d.encode()) for d in docs[:7])
+
+
+def test_empty_corpus_and_missing_paths(tmp_path, sp):
+    with pytest.raises(PgolfError, match="corpus path not found"):
+        list(data.iter_documents([str(tmp_path / "nope")]))
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(PgolfError, match="corpus is empty"):
+        data.tokenize_documents(data.iter_documents([str(tmp_path / "empty.jsonl")]), sp, out, 2, 100)
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(PgolfError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+        list(data.iter_documents([str(tmp_path / "bad.jsonl")]))
+
+
+def test_builtin_corpus_is_deterministic():
+    a, b = data.builtin_documents(), data.builtin_documents()
+    assert a == b and len(a) > 100 and sum(map(len, a)) > 500_000
+
+
+def test_train_loader_gives_ranks_disjoint_spans_and_wraps(tmp_path):
+    for i in range(2):
+        data.write_shard(tmp_path / f"train_{i:06d}.bin", np.arange(i * 100, i * 100 + 100, dtype=np.uint16))
+    paths = data.shard_paths(tmp_path, "train")
+    loaders = [data.TrainLoader(paths, r, 2, torch.device("cpu")) for r in range(2)]
+    seen = []
+    for step in range(6):
+        xs = [ld.next_batch(16, 8) for ld in loaders]
+        for x, y in xs:
+            assert x.shape == (2, 8) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
+        seen.append([x.flatten().tolist() for x, _ in xs])
+    # step 0: rank 0 has tokens 0..15, rank 1 has 17..32; the spans never overlap
+    assert seen[0][0] == list(range(16)) and seen[0][1] == list(range(17, 33))
+    # 6 steps x 2 ranks x 17 = 204 of the 200 tokens: the stream wrapped back into shard 0
+    assert loaders[0].stream.state() == {"shard": 0, "pos": 4}
+    assert seen[5][1][-3:] == [0, 1, 2]  # inputs 187..199, then the wrap to token 0
+
+
+def make_remote(root, variant="sp1024", n_train=3, tokenizer=None):
+    d = root / "datasets" / "datasets" / f"fineweb10B_{variant}"
+    d.mkdir(parents=True)
+    for i in range(n_train):
+        data.write_shard(d / f"fineweb_train_{i:06d}.bin", np.full(50, i + 5, dtype=np.uint16))
+    data.write_shard(d / "fineweb_val_000000.bin", np.array([1, 7, 8, 9] * 10, dtype=np.uint16))
+    (root / "datasets" / "tokenizers").mkdir()
+    shutil.copy(tokenizer, root / "datasets" / "tokenizers" / "fineweb_320_bpe.model")
+    manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "sp_320",
+                              "stats": {"files_train": n_train, "files_val": 1}}],
+                "tokenizers": [{"name": "sp_320", "model_path": "tokenizers/fineweb_320_bpe.model", "vocab_size": 320}]}
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_fineweb_selection_against_a_local_mirror(tmp_path, tokenizer_path):
+    make_remote(tmp_path / "remote", tokenizer=tokenizer_path)
+    local, vocab = fineweb.fetch("willdepueoai/parameter-golf", "sp1024", 2, tmp_path / "dl", mirror=str(tmp_path / "remote"))
+    assert vocab == 320
+    assert [p.name for p in local["train"]] == ["fineweb_train_000000.bin", "fineweb_train_000001.bin"]
+    assert [p.name for p in local["val"]] == ["fineweb_val_000000.bin"]
+    with pytest.raises(PgolfError, match=r"data.train_shards: 4 requested, fineweb10B_sp1024 has 1..3"):
+        fineweb.fetch("r", "sp1024", 4, tmp_path / "dl", mirror=str(tmp_path / "remote"))
+    with pytest.raises(PgolfError, match=r"'sp4096' is not in the manifest; it lists \['sp1024'\]"):
+        fineweb.fetch("r", "sp4096", 1, tmp_path / "dl", mirror=str(tmp_path / "remote"))
+    corrupt(tmp_path / "remote/datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin", 0, 7)
+    with pytest.raises(PgolfError, match="fineweb_train_000001.bin: bad shard magic"):
+        fineweb.fetch("r", "sp1024", 2, tmp_path / "dl", mirror=str(tmp_path / "remote"))
