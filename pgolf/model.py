@@ -92,7 +92,8 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.qk_norm:
             q = q * self.q_gain.to(q.dtype)[:, None]
-        y = attention(q, k, v)
+        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
+        y = attention(q.to(dt), k.to(dt), v.to(dt))
         if self.xsa:  # exclusive self attention: remove each head's component along its own token's value
             g = self.heads // self.kv_heads
             vn = F.normalize(v, dim=-1).unsqueeze(3)

@@ -1,0 +1,80 @@
+"""Training throughput of the real trainer (the train stage's code path) on one config.
+
+    python bench/train_throughput.py --config baseline --data artifacts/tokenize/data --steps 30
+Prints ms/step, tokens/s, MFU and peak memory; writes bench/results/train_throughput_<config>.json.
+FLOPs/token = 6 * N_matmul + 6 * layers * seq_len * dim   (causal attention scores + values, fwd+bwd).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
+from pgolf.model import CastedLinear, GPT  # noqa: E402
+from pgolf.train import Trainer, init_runtime  # noqa: E402
+
+PEAK_BF16 = 800e12  # dense bf16 matmul rate measured on this workplace's H100s
+
+# The upstream baseline trainer's shape: 9 layers, d=512, 8 heads / 4 KV, MLP 2x, vocab 1024, seq 1024.
+BASELINE = (ModelConfig(vocab_size=1024, layers=9, dim=512, heads=8, kv_heads=4, mlp_mult=2.0, activation="relu2",
+                        rope_dims=0, logit_softcap=30.0),
+            TrainConfig(seq_len=1024, batch_tokens=524_288, micro_batch_tokens=524_288))
+
+
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, CastedLinear))
+    if model.lm_head is None:
+        matmul += model.tok_emb.weight.numel()
+    cfg = model.cfg
+    layers = len(model.layer_order())
+    return 6 * matmul + 6 * layers * seq_len * cfg.dim
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="baseline", help="baseline, or a params file (its model and train sections)")
+    ap.add_argument("--data", default="artifacts/tokenize/data")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--micro-batch-tokens", type=int, default=0)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--warmup", type=int, default=10)
+    args = ap.parse_args()
+    if args.config == "baseline":
+        mcfg, tcfg = BASELINE
+    else:
+        p = load_params(args.config)
+        mcfg, tcfg = p.model, p.train
+    tcfg = dataclasses.replace(tcfg, iterations=args.steps, max_seconds=0, compile=not args.no_compile,
+                               compile_warmup_steps=args.warmup, log_every=max(args.steps // 5, 1),
+                               checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
+                               micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens)
+    rt = init_runtime()
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(mcfg, tcfg, Path(args.data), rt, log=lambda s: print(s, flush=True) if rt.master else None)
+    m = trainer.run().metrics
+    fpt = flops_per_token(trainer.model, tcfg.seq_len)
+    tok_s = m["tokens_per_second"]
+    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "micro_batch_tokens": tcfg.micro_batch_tokens,
+           "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
+           "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),
+           "peak_memory_gib": m["peak_memory_gib"], "compile_seconds": m["compile_seconds"],
+           "final_loss": m["final_train_loss"], "losses": trainer.losses, "gpu": m["gpu"]}
+    if rt.master:
+        out = Path("bench/results")
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"{row['config']}_{'compiled' if tcfg.compile else 'eager'}_w{rt.world}"
+        (out / f"train_throughput_{tag}.json").write_text(json.dumps(row, indent=2))
+        print("| config | compile | world | ms/step | tokens/s | MFU | peak GiB | final loss |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {row['config']} | {row['compile']} | {row['world']} | {row['ms_per_step']} | {tok_s:,.0f} | "
+              f"{row['mfu']:.1%} | {row['peak_memory_gib']} | {row['final_loss']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
