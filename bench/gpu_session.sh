@@ -7,10 +7,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TRAIN_S=${TRAIN_S:-120}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PATH=/tmp/bin:/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 [ -d .git ] || git init -q
-printf '/.whl/\n/.carry/\n' >> .git/info/exclude
+mkdir -p .git/info && printf '/.whl/\n/.carry/\n' >> .git/info/exclude
 git add -A >/dev/null && git -c user.email=d@d -c user.name=d commit -qm device >/dev/null
 git config user.email d@d; git config user.name d
 [ -d .dvc ] || dvc init -q
