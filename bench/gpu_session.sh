@@ -7,7 +7,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TRAIN_S=${TRAIN_S:-120}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PATH=/tmp/bin:/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
+START=$(date +%s)
+mkdir -p /tmp/bin && rm -f /tmp/bin/python && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 [ -d .git ] || git init -q
 mkdir -p .git/info && printf '/.whl/\n/.carry/\n' >> .git/info/exclude
@@ -34,6 +35,7 @@ for s in tokenize train ema calibrate quantize compress eval audit; do echo "== 
 git add -A >/dev/null; git commit -qm baseline >/dev/null
 for exp in "quant.method=rtn" "quant.method=clip_search" "quant.method=sdclip" "quant.bits.attn=5 -S quant.bits.mlp=5"; do
   t1=$(date +%s)
+  [ $(( t1 - START )) -lt ${SWEEP_UNTIL_S:-470} ] || { echo "skipping [$exp]: out of time"; continue; }
   dvc exp run -S $exp 2>&1 | grep -E "Running stage|didn't change|skipping|ERROR|audit:" | tr '\n' ';'
   echo; echo "exp [$exp] took $(( $(date +%s) - t1 ))s" | tee -a "$OUT/sweep.log"
 done
