@@ -35,6 +35,12 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def _accumulate(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
+    with torch.autocast(x.device.type, enabled=False):  # fp32 sums, also under bf16 autocast
+        x = x.reshape(-1, x.size(-1)).float()
+        sums[key] = x.T @ x if key not in sums else sums[key].addmm_(x.T, x)
+
+
 @torch.no_grad()
 def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
                      progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
@@ -54,9 +60,7 @@ def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
                 shared[name] = seen_inputs.setdefault(key, (name, x))[0]
             if shared[name] != name:
                 return
-            x = x.reshape(-1, x.size(-1)).float()
-            h = sums.get(name)
-            sums[name] = x.T @ x if h is None else h.addmm_(x.T, x)
+            _accumulate(sums, name, x)
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -73,8 +77,7 @@ def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
             idx = idx.to(device)
             with _autocast(device):
                 h = model.hidden(idx)
-            h = h.reshape(-1, h.size(-1)).float()
-            sums[head] = h.T @ h if head not in sums else sums[head].addmm_(h.T, h)
+            _accumulate(sums, head, h)
             tokens += idx.numel()
             first_batch = False
             seen_inputs.clear()

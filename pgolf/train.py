@@ -59,6 +59,11 @@ def run_hash(mcfg: ModelConfig, cfg: TrainConfig, data_id: str, world: int) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up, so short runs do not average in the random initialization."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @dataclass
 class TrainResult:
     raw: dict[str, torch.Tensor]
@@ -245,7 +250,8 @@ class Trainer:
             self._set_phase(optim.progress(self.step, elapsed, cfg), scale)
             loss = self.train_step(scale)
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - cfg.ema_decay)
+                decay = ema_decay_at(self.step, cfg.ema_decay)
+                torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
                 if cfg.swa and scale < cfg.swa_threshold and self.step % cfg.swa_every == 0:
                     if self.swa is None:
                         self.swa = [torch.zeros_like(e) for e in self.ema]

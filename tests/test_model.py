@@ -9,7 +9,7 @@ from pgolf.checkpoint import load_tensors, save_tensors
 from pgolf.data import write_shard
 from pgolf.model import GPT
 from pgolf.optim import lr_scale, newton_schulz
-from pgolf.train import Runtime, Trainer
+from pgolf.train import Runtime, Trainer, ema_decay_at
 
 CPU = Runtime(0, 1, torch.device("cpu"))
 
@@ -78,12 +78,13 @@ def test_loss_falls_on_a_tiny_corpus(tmp_path):
 
 def test_ema_math(tmp_path):
     make_shards(tmp_path)
-    trainer = Trainer(tiny_model(), tiny_train(iterations=1, ema_decay=0.75), tmp_path, CPU, log=lambda s: None)
+    assert ema_decay_at(0, 0.997) == pytest.approx(0.1) and ema_decay_at(10**6, 0.997) == 0.997
+    trainer = Trainer(tiny_model(), tiny_train(iterations=1, ema_decay=0.05), tmp_path, CPU, log=lambda s: None)
     p0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.run()
     assert any(not torch.equal(p0[n], p1) for n, p1 in result.raw.items())
-    for n, p1 in result.raw.items():
-        torch.testing.assert_close(result.ema[n], 0.75 * p0[n] + 0.25 * p1, rtol=0, atol=1e-6)
+    for n, p1 in result.raw.items():  # one update: ema = d * p0 + (1 - d) * p1
+        torch.testing.assert_close(result.ema[n], 0.05 * p0[n] + 0.95 * p1, rtol=0, atol=1e-6)
 
 
 def test_wallclock_cap_stops_a_run(tmp_path):

@@ -147,3 +147,20 @@ def test_every_method_quantizes_a_model_state():
         assert set(result.floats) == {"blocks.0.attn_scale"} and result.floats["blocks.0.attn_scale"].dtype == torch.float16
         rel = weighted_error(state["blocks.0.mlp.fc.weight"], result.quantized["blocks.0.mlp.fc.weight"].dequantize())
         assert rel < 0.01 * state["blocks.0.mlp.fc.weight"].square().sum(), method
+
+
+def test_hessians_are_fp32_shared_by_q_k_v_and_include_the_tied_head():
+    from conftest import tiny_model
+    from pgolf.calibrate import collect_hessians
+    from pgolf.model import GPT
+
+    model = GPT(tiny_model(bigram_buckets=32, ve_last=1))
+    batches = [torch.randint(0, 320, (2, 16)) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under CUDA's bf16 autocast
+        H, shared, tokens = collect_hessians(model, iter(batches))
+    assert tokens == 96 and all(h.dtype == torch.float32 for h in H.values())
+    assert shared["blocks.0.attn.k.weight"] == shared["blocks.0.attn.v.weight"] == "blocks.0.attn.q.weight"
+    assert shared["blocks.0.mlp.fc.weight"] == "blocks.0.mlp.fc.weight" != shared["blocks.0.attn.proj.weight"]
+    assert set(shared) == set(model.quantizable_linears()) | {"tok_emb.weight"}
+    x = model.hidden(torch.cat(batches)).reshape(-1, 32).double()
+    torch.testing.assert_close(H["tok_emb.weight"].double(), x.T @ x / 96, rtol=0.05, atol=1e-3)
