@@ -172,7 +172,7 @@ class Trainer:
         return float(t.item())
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, complete: bool = False) -> None:
         tensors = {f"model.{n}": t for n, t in self.model.state_dict().items()}
         tensors |= {f"ema.{i}": t for i, t in enumerate(self.ema)}
         if self.swa is not None:
@@ -193,7 +193,7 @@ class Trainer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.rt.device)
         meta = {"run_id": self.run_id, "step": self.step, "train_seconds": self.train_seconds,
                 "compile_seconds": self.compile_seconds, "loader": self.loader.stream.state(),
-                "swa_count": self.swa_count, "optimizers": opt_meta, "losses": self.losses}
+                "swa_count": self.swa_count, "optimizers": opt_meta, "losses": self.losses, "complete": complete}
         save_tensors(self._rank_checkpoint(), tensors, meta)
 
     def _rank_checkpoint(self) -> Path:
@@ -204,8 +204,8 @@ class Trainer:
         if path is None or not path.exists():
             return False
         tensors, meta = load_tensors(path, self.rt.device)
-        if meta.get("run_id") != self.run_id:
-            self.log(f"checkpoint {path} is from another configuration; starting fresh")
+        if meta.get("run_id") != self.run_id or meta.get("complete"):
+            self.log(f"checkpoint {path} is from {'a finished run' if meta.get('complete') else 'another configuration'}; starting fresh")
             return False
         self.model.load_state_dict({n[6:]: t for n, t in tensors.items() if n.startswith("model.")})
         for i, t in enumerate(self.ema):
@@ -234,8 +234,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
+        """Train to the cap; call try_resume() first to continue an interrupted run."""
         cfg = self.cfg
-        if not self.try_resume():
+        if self.resumed_from is None:
             self.warm_up()
         last_ckpt = time.perf_counter()
         tokens_per_step = cfg.batch_tokens
@@ -282,7 +283,7 @@ class Trainer:
                 self.save_checkpoint()
                 last_ckpt = time.perf_counter()
         if self.checkpoint:
-            self.save_checkpoint()
+            self.save_checkpoint(complete=True)
         return self._result()
 
     def _result(self) -> TrainResult:

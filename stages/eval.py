@@ -51,13 +51,17 @@ def main() -> dict | None:
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    # the quantization gap is taken like for like: plain windows, as the ema stage scored the float model
+    plain = s if cfg.stride in (0, cfg.seq_len) and not cfg.ttt.enabled and cfg.seq_len == params.ema.eval_seq_len \
+        else score(load_blob_model(rt.device), val, table, params.ema.eval_seq_len, 0, cfg.batch_seqs, device=rt.device)
     if not rt.master:
         return None
     prequant = read_json(stage.ARTIFACTS / "ema" / "metrics.json")["prequant_val_bpb"]
     cuda = rt.device.type == "cuda"
     return {
         "val_bpb": round(s.bpb, 6), "val_loss": round(s.loss, 6), "tokens": s.tokens, "bytes": s.bytes,
-        "eval_seconds": round(seconds, 3), "quant_gap": round(s.bpb - prequant, 6),
+        "eval_seconds": round(seconds, 3), "val_bpb_plain": round(plain.bpb, 6),
+        "quant_gap": round(plain.bpb - prequant, 6), "window_gain": round(plain.bpb - s.bpb, 6),
         "gpu": torch.cuda.get_device_name(rt.device) if cuda else "cpu", "gpu_count": rt.world if cuda else 0,
         "inputs": [p.name for p in val_files], "val_tokens_trained_before_scored": 0, **record,
     }

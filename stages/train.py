@@ -28,19 +28,19 @@ def main() -> dict | None:
     if vocab != mcfg.vocab_size:
         raise PgolfError(f"{DATA / 'tokenizer.model'}: vocab {vocab} but model.vocab_size is {mcfg.vocab_size}")
     rt = init_runtime()
-    live = None
-    if rt.master:
-        from dvclive import Live
-
-        live = Live(dir=str(OUT / "live"), save_dvc_exp=False, dvcyaml=None)
     val_fn = None
     if cfg.val_every:
         val = load_val_tokens(DATA, mcfg.vocab_size)[: cfg.val_tokens + 1]
         table = byte_table(load_tokenizer(DATA / "tokenizer.model"))
         val_fn = lambda model: score(model, val, table, cfg.seq_len, device=rt.device).bpb  # noqa: E731
     (OUT / "checkpoint").mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(mcfg, cfg, DATA, rt, checkpoint=OUT / "checkpoint", live=live, val_fn=val_fn,
+    trainer = Trainer(mcfg, cfg, DATA, rt, checkpoint=OUT / "checkpoint", val_fn=val_fn,
                       log=lambda s: print(s, flush=True) if rt.master else None)
+    resumed = trainer.try_resume()
+    if rt.master:
+        from dvclive import Live
+
+        trainer.live = Live(dir=str(OUT / "live"), resume=resumed, save_dvc_exp=False, dvcyaml=None)
     result = trainer.run()
     if rt.world > 1:
         dist.barrier()
@@ -53,7 +53,7 @@ def main() -> dict | None:
         if result.swa is not None:
             save_tensors(tmp / "swa.safetensors", result.swa, meta)
         (tmp / "config.json").write_text(json.dumps({"model": asdict(mcfg), "train": asdict(cfg)}, indent=2) + "\n")
-    live.end()
+    trainer.live.end()
     return result.metrics
 
 
