@@ -26,6 +26,7 @@ p["train"]["checkpoint_every_s"] = 0
 p["train"]["compile_warmup_steps"] = 12
 p["compress"] = {"codec": "lzma", "layout": "int8"}  # one codec keeps each sweep point short
 p["train"]["qat_threshold"] = float(__import__("os").environ.get("QAT", p["train"]["qat_threshold"]))
+p["eval"]["stride"] = int(__import__("os").environ.get("STRIDE", p["eval"]["stride"]))
 p["audit"]["strict"] = __import__("os").environ.get("STRICT", "true") == "true"  # false: over-size points still land as experiments
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
@@ -35,7 +36,9 @@ dvc repro 2>&1 | grep -v "it/s]\|win/s]\|batch/s]" | tee "$OUT/repro.log" | grep
 echo "dvc repro rc=$rc in $(( $(date +%s) - t0 ))s"
 for s in tokenize train ema calibrate quantize compress eval audit; do echo "== $s"; cat artifacts/$s/metrics.json 2>/dev/null | tr -d '\n '; echo; done | tee "$OUT/metrics.txt"
 git add -A >/dev/null; git commit -qm baseline >/dev/null
-for exp in "quant.bits.attn=5 -S quant.bits.mlp=5" "quant.method=rtn" "quant.method=clip_search" "quant.method=sdclip"; do
+# each point names all it changes: `dvc exp run` leaves its params in the workspace
+B6="-S quant.bits.attn=6 -S quant.bits.mlp=6"
+for exp in "quant.method=rtn $B6" "quant.method=clip_search $B6" "quant.method=sdclip $B6" "quant.method=gptq -S quant.bits.attn=5 -S quant.bits.mlp=5"; do
   t1=$(date +%s)
   [ $(( t1 - START )) -lt ${SWEEP_UNTIL_S:-470} ] || { echo "skipping [$exp]: out of time"; continue; }
   dvc exp run -S $exp 2>&1 | grep -E "Running stage|didn't change|skipping|ERROR|audit:" | tr '\n' ';'

@@ -262,7 +262,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.train_seconds += dt
             self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == 1 or self.step == cfg.iterations:
+            last = self.step >= cfg.iterations or (cfg.max_seconds > 0 and self.train_seconds >= cfg.max_seconds)
+            if self.step % cfg.log_every == 0 or self.step == 1 or last:
                 value = float(loss.item())
                 self.losses.append(value)
                 if self.rt.master:
