@@ -60,6 +60,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise PgolfError(f"{path}: file not found (run the stage that writes it first)") from None
     except json.JSONDecodeError as e:
         raise PgolfError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise PgolfError(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

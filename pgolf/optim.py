@@ -63,9 +63,9 @@ class Muon(torch.optim.Optimizer):
         U = newton_schulz(G, group["ns_steps"]).to(torch.float32)
         U *= max(1.0, shape[0] / shape[1]) ** 0.5
         if self.world > 1:
-            gathered = torch.empty((self.world, *U.shape), device=U.device, dtype=U.dtype)
-            dist.all_gather_into_tensor(gathered, U)
-            updates = [gathered[i % self.world, i // self.world] for i in range(len(params))]
+            gathered = torch.empty((self.world * per_rank, *shape), device=U.device, dtype=U.dtype)
+            dist.all_gather_into_tensor(gathered, U)  # rank r's block holds matrices r, r+world, ...
+            updates = [gathered[(i % self.world) * per_rank + i // self.world] for i in range(len(params))]
         else:
             updates = list(U[:len(params)])
         for p, u in zip(params, updates):

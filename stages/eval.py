@@ -11,7 +11,7 @@ from pgolf.config import ModelConfig, build, load_params
 from pgolf.data import byte_table, load_tokenizer, load_val_tokens, shard_paths
 from pgolf.errors import PgolfError
 from pgolf.evaluate import score, score_ttt
-from pgolf.io import read_json
+from pgolf.io import read_json, write_json
 from pgolf.model import GPT
 from pgolf.train import init_runtime
 
@@ -57,6 +57,8 @@ def main() -> dict | None:
     if not rt.master:
         return None
     prequant = read_json(stage.ARTIFACTS / "ema" / "metrics.json")["prequant_val_bpb"]
+    model_bytes = BLOB.stat().st_size
+    write_json(stage.ARTIFACTS / "eval" / "point.json", [{"model_bytes": model_bytes, "val_bpb": round(s.bpb, 6)}])
     cuda = rt.device.type == "cuda"
     return {
         "val_bpb": round(s.bpb, 6), "val_loss": round(s.loss, 6), "tokens": s.tokens, "bytes": s.bytes,
