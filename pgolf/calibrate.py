@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .model import GPT
+from .model import GPT, autocast
 
 
 def head_name(model: GPT) -> str:
@@ -24,15 +24,11 @@ def generate(model: GPT, num_seqs: int, seq_len: int, temperature: float, bos: i
         b = min(batch_seqs, num_seqs - start)
         idx = torch.full((b, 1), bos, dtype=torch.long, device=device)
         while idx.size(1) < seq_len:
-            with _autocast(device):
+            with autocast(device):
                 logits = model.logits(idx[:, -seq_len:])[:, -1].float()
             probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
         yield idx
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
@@ -75,7 +71,7 @@ def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
     try:
         for idx in it:
             idx = idx.to(device)
-            with _autocast(device):
+            with autocast(device):
                 h = model.hidden(idx)
             _accumulate(sums, head, h)
             tokens += idx.numel()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .config import TTTConfig
 from .data import ByteTable
-from .model import GPT
+from .model import GPT, autocast
 
 
 @dataclass
@@ -71,12 +71,11 @@ def _score_windows(model: GPT, tokens: torch.Tensor, table: ByteTable, wins: lis
                    batch_seqs: int, temperature: float, device: torch.device) -> list[float]:
     L = min(seq_len, tokens.numel() - 1)
     nll_sum, n_bytes, n_tokens = 0.0, 0, 0
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for i in range(0, len(wins), batch_seqs):
         batch = wins[i:i + batch_seqs]
         idx = torch.stack([tokens[w.start:w.start + L + 1] for w in batch]).to(device)
         x, y = idx[:, :-1], idx[:, 1:]
-        with ctx:
+        with autocast(device):
             nll = model.token_nll(x, y, temperature).double()
         keep = torch.arange(L, device=device)[None, :] >= torch.tensor([w.score_from for w in batch], device=device)[:, None]
         nll_sum += float((nll * keep).sum())
@@ -158,8 +157,7 @@ def score_ttt(model: GPT, tokens: torch.Tensor, table: ByteTable, seq_len: int, 
                 e = min(s + L, scored_to)
                 trained_early += max(0, e - scored_to)
                 x, y = tokens[s:e][None].to(device), tokens[s + 1:e + 1][None].to(device)
-                with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                      else torch.autocast("cpu", enabled=False)):
+                with autocast(device):
                     loss = model.token_nll(x, y).sum()
                 (loss / max(scored_to - chunk_start, 1)).backward()
                 total += e - s

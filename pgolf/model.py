@@ -14,6 +14,11 @@ except ImportError:
     _fa3 = None
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 

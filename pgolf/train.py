@@ -19,7 +19,7 @@ from .checkpoint import load_tensors, save_tensors
 from .config import ModelConfig, TrainConfig
 from .data import TrainLoader, shard_paths
 from .errors import PgolfError
-from .model import GPT
+from .model import GPT, autocast
 
 
 @dataclass
@@ -46,10 +46,6 @@ def init_runtime() -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Runtime(rank, world, device)
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def run_hash(mcfg: ModelConfig, cfg: TrainConfig, data_id: str, world: int) -> str:

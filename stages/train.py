@@ -1,10 +1,8 @@
 """train: tokenized shards -> artifacts/train/model/{raw,ema[,swa]}.safetensors (run under stages.launch)."""
 
 import json
-import os
 from dataclasses import asdict
 
-import torch
 import torch.distributed as dist
 
 from pgolf import stage

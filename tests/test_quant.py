@@ -6,7 +6,7 @@ import torch
 from pgolf import pack
 from pgolf.config import GroupValues, QuantConfig
 from pgolf.errors import PgolfError
-from pgolf.quant import (QuantResult, apply_pruning, clip_absmax, clip_search, gptq, prune_candidates, qmax,
+from pgolf.quant import (apply_pruning, clip_absmax, clip_search, gptq, prune_candidates, qmax,
                          quantize_state, round_rows, search_target, weighted_error)
 
 
