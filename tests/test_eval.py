@@ -159,3 +159,11 @@ def test_eval_refuses_a_blob_whose_sha_differs(tmp_path, monkeypatch):
     loaded = eval_stage.load_blob_model(torch.device("cpu"))
     idx = torch.randint(0, 320, (1, 8))
     assert torch.allclose(loaded.logits(idx), model.logits(idx), atol=0.05)
+
+
+def test_eval_is_deterministic(sp):
+    model = randomized(GPT(tiny_model(xsa_last=1)), 8)
+    tokens, _ = val_stream(sp)
+    a = score(model, tokens, byte_table(sp), 32, stride=8, batch_seqs=4)
+    b = score(model, tokens, byte_table(sp), 32, stride=8, batch_seqs=4)
+    assert (a.nll_sum, a.bytes, a.tokens) == (b.nll_sum, b.bytes, b.tokens)

@@ -160,3 +160,14 @@ def test_nproc_resolution():
         resolve_nproc("4", "train.nproc_per_node", 2)
     with pytest.raises(PgolfError, match=r"eval.nproc_per_node: 'all'; expected 'gpu' or a positive number"):
         resolve_nproc("all", "eval.nproc_per_node", 2)
+
+
+def test_tokenizer_vocab_must_match_the_model(tmp_path):
+    d = stage_dir(tmp_path, "vocab")
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["model"]["vocab_size"] = 512
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    p = run(train_cmd(), d, check=False)
+    assert p.returncode != 0
+    assert "artifacts/tokenize/data/tokenizer.model: vocab 1024 but model.vocab_size is 512" in p.stderr
+    assert not (d / "artifacts/train/model").exists()
