@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,7 @@ def builtin_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [topics[k] for k in sorted(topics)]
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="inspect")  # typing.io / typing.re
     for name in BUILTIN_MODULES:
         module = importlib.import_module(name)
         parts = [inspect.getdoc(module) or ""]
