@@ -172,16 +172,17 @@ def builtin_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [topics[k] for k in sorted(topics)]
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="inspect")  # typing.io / typing.re
-    for name in BUILTIN_MODULES:
-        module = importlib.import_module(name)
-        parts = [inspect.getdoc(module) or ""]
-        for attr, obj in sorted(vars(module).items()):
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            if getattr(obj, "__module__", None) == module.__name__ and inspect.getdoc(obj):
-                parts.append(f"{attr}\n\n{inspect.getdoc(obj)}")
-        docs.append("\n\n".join(p for p in parts if p))
+    with warnings.catch_warnings():  # getdoc touches typing.io / typing.re, deprecated aliases
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in BUILTIN_MODULES:
+            module = importlib.import_module(name)
+            parts = [inspect.getdoc(module) or ""]
+            for attr, obj in sorted(vars(module).items()):
+                if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                    continue
+                if getattr(obj, "__module__", None) == module.__name__ and inspect.getdoc(obj):
+                    parts.append(f"{attr}\n\n{inspect.getdoc(obj)}")
+            docs.append("\n\n".join(p for p in parts if p))
     random.Random(0).shuffle(docs)
     return docs
 
