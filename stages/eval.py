@@ -52,8 +52,11 @@ def main() -> dict | None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     # the quantization gap is taken like for like: plain windows, as the ema stage scored the float model
-    plain = s if cfg.stride in (0, cfg.seq_len) and not cfg.ttt.enabled and cfg.seq_len == params.ema.eval_seq_len \
-        else score(load_blob_model(rt.device), val, table, params.ema.eval_seq_len, 0, cfg.batch_seqs, device=rt.device)
+    if cfg.stride in (0, cfg.seq_len) and not cfg.ttt.enabled and cfg.seq_len == params.ema.eval_seq_len:
+        plain = s
+    else:  # TTT has changed the weights: score the blob's own
+        plain = score(load_blob_model(rt.device) if cfg.ttt.enabled else model, val, table, params.ema.eval_seq_len,
+                      0, cfg.batch_seqs, device=rt.device)
     if not rt.master:
         return None
     prequant = read_json(stage.ARTIFACTS / "ema" / "metrics.json")["prequant_val_bpb"]
