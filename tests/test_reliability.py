@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -68,8 +69,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
             if step >= 8:
                 break
         time.sleep(0.02)
+    # kill -9 the whole stage: torchrun and its worker (which runs in a session of its own)
+    victims = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for v in victims:
+        v.kill()
     proc.wait()
+    psutil.wait_procs(victims, timeout=10)
     meta = load_tensors(ckpt)[1]
     assert 8 <= meta["step"] < 30 and not meta["complete"]
     assert not (killed / "artifacts/train/model").exists()  # nothing half-written under the final name
