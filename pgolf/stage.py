@@ -9,6 +9,7 @@ from .errors import PgolfError
 from .io import write_json
 
 ARTIFACTS = Path("artifacts")
+TOKENIZED = ARTIFACTS / "tokenize" / "data"  # shards, tokenizer.model, manifest.json
 
 
 def run(main: Callable[[], dict | None], name: str) -> None:
@@ -22,6 +23,10 @@ def run(main: Callable[[], dict | None], name: str) -> None:
     except KeyboardInterrupt:
         print(f"error: {name}: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        dist = sys.modules.get("torch.distributed")  # leave a torchrun group cleanly, if one was joined
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if metrics is not None:
         metrics.setdefault("stage_seconds", round(time.perf_counter() - t0, 3))
         write_json(ARTIFACTS / name / "metrics.json", metrics)

@@ -12,7 +12,7 @@ from pgolf.data import TokenStream, shard_paths
 from pgolf.errors import PgolfError
 from stages.ema import OUT as EMA_MODEL, load_model
 
-DATA = stage.ARTIFACTS / "tokenize" / "data"
+DATA = stage.TOKENIZED
 OUT = stage.ARTIFACTS / "calibrate" / "hessians.safetensors"
 
 

@@ -10,7 +10,7 @@ from pgolf.errors import PgolfError
 from pgolf.evaluate import score
 from pgolf.model import GPT
 
-DATA = stage.ARTIFACTS / "tokenize" / "data"
+DATA = stage.TOKENIZED
 TRAINED = stage.ARTIFACTS / "train" / "model"
 OUT = stage.ARTIFACTS / "ema" / "model.safetensors"
 

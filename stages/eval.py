@@ -4,7 +4,6 @@ import hashlib
 import time
 
 import torch
-import torch.distributed as dist
 
 from pgolf import pack, stage
 from pgolf.config import ModelConfig, build, load_params
@@ -15,7 +14,7 @@ from pgolf.io import read_json, write_json
 from pgolf.model import GPT
 from pgolf.train import init_runtime
 
-DATA = stage.ARTIFACTS / "tokenize" / "data"
+DATA = stage.TOKENIZED
 BLOB = stage.ARTIFACTS / "compress" / "model.blob"
 
 
@@ -73,8 +72,4 @@ def main() -> dict | None:
 
 
 if __name__ == "__main__":
-    try:
-        stage.run(main, "eval")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    stage.run(main, "eval")

@@ -11,7 +11,7 @@ from pgolf.config import DataConfig, load_params
 from pgolf.errors import PgolfError
 from pgolf.io import atomic_dir, sha256_file, write_json
 
-OUT = stage.ARTIFACTS / "tokenize" / "data"
+OUT = stage.TOKENIZED
 
 
 def from_fineweb(cfg: DataConfig, out: Path) -> tuple[dict, str]:

@@ -14,7 +14,7 @@ from pgolf.evaluate import score
 from pgolf.io import atomic_dir, read_json
 from pgolf.train import Trainer, init_runtime
 
-DATA = stage.ARTIFACTS / "tokenize" / "data"
+DATA = stage.TOKENIZED
 OUT = stage.ARTIFACTS / "train"
 
 
@@ -56,8 +56,4 @@ def main() -> dict | None:
 
 
 if __name__ == "__main__":
-    try:
-        stage.run(main, "train")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    stage.run(main, "train")
