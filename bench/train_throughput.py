@@ -9,9 +9,11 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
@@ -35,6 +37,37 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     return 6 * matmul + 6 * layers * seq_len * cfg.dim
 
 
+def profile(trainer: Trainer, steps: int) -> None:
+    """Top device kernels over a few more steps, and how much of the wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, record_function
+
+    def labelled(step, name):
+        def run():
+            with record_function(name):
+                step()
+        return run
+
+    for opt in trainer.opts:  # optimizer time shows as its own row
+        opt.step = labelled(opt.step, f"optimizer.{type(opt).__name__}")
+    trainer._sync()
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step(1.0)
+        trainer._sync()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernels = [e for e in events if not e.key.startswith("optimizer.")]  # annotations would count twice
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    for e in events:
+        if e.key.startswith("optimizer."):
+            print(f"{e.key}: host {e.cpu_time_total / steps / 1e3:.2f} ms/step, "
+                  f"device {e.device_time_total / steps / 1e3:.2f} ms/step")
+    print(f"profile: {steps} steps, wall {wall / steps * 1000:.1f} ms/step, device busy {busy / steps * 1000:.1f} ms/step "
+          f"({busy / wall:.0%}; includes profiler overhead)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="baseline", help="baseline, or a params file (its model and train sections)")
@@ -43,6 +76,9 @@ def main() -> None:
     ap.add_argument("--micro-batch-tokens", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--profile", type=int, default=0, help="after the timed steps, profile this many more")
+    ap.add_argument("--log-every", type=int, default=0)
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.config == "baseline":
         mcfg, tcfg = BASELINE
@@ -50,7 +86,7 @@ def main() -> None:
         p = load_params(args.config)
         mcfg, tcfg = p.model, p.train
     tcfg = dataclasses.replace(tcfg, iterations=args.steps, max_seconds=0, compile=not args.no_compile,
-                               compile_warmup_steps=args.warmup, log_every=max(args.steps // 5, 1),
+                               compile_warmup_steps=args.warmup, log_every=args.log_every or max(args.steps // 5, 1),
                                checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
                                micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens)
     rt = init_runtime()
@@ -64,11 +100,14 @@ def main() -> None:
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),
            "peak_memory_gib": m["peak_memory_gib"], "compile_seconds": m["compile_seconds"],
-           "final_loss": m["final_train_loss"], "losses": trainer.losses, "gpu": m["gpu"]}
+           "final_loss": m["final_train_loss"], "losses": trainer.losses, "gpu": m["gpu"],
+           "graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"]}
+    if args.profile and rt.master:
+        profile(trainer, args.profile)
     if rt.master:
         out = Path("bench/results")
         out.mkdir(parents=True, exist_ok=True)
-        tag = f"{row['config']}_{'compiled' if tcfg.compile else 'eager'}_w{rt.world}"
+        tag = args.tag or f"{row['config']}_{'compiled' if tcfg.compile else 'eager'}_w{rt.world}"
         (out / f"train_throughput_{tag}.json").write_text(json.dumps(row, indent=2))
         print("| config | compile | world | ms/step | tokens/s | MFU | peak GiB | final loss |")
         print("|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call for issue 7: install the carried wheels, tokenize the carried docs corpus (BPE 1024), then
+# run bench/train_throughput.py once per argument string and print every result as one table.
+# Usage on the device: bash bench/throughput_session.sh "--config baseline --micro-batch-tokens 131072" ...
+# An argument may start with VAR=value words: environment for that run only.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
+python3 - <<'PY'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+p["data"] = {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "vocab_size": 1024, "val_docs": 150,
+             "tokenizer_train_chars": 20_000_000, "shard_tokens": 20_000_000}
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+PY
+python3 -m stages.tokenize > "$OUT/tokenize.log" 2>&1 || { cat "$OUT/tokenize.log"; exit 1; }
+i=0
+for run in "$@"; do
+  i=$((i + 1)); t0=$(date +%s)
+  echo "=== run $i: $run"
+  read -ra words <<< "$run"; envs=()
+  while [[ ${#words[@]} -gt 0 && ${words[0]} == *=* && ${words[0]} != -* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+  env "${envs[@]}" python3 bench/train_throughput.py "${words[@]}" 2>&1 | tee "$OUT/run$i.log" | grep -v "^step \|^ *aten::\|^ *void \|^ *triton_\|^ *Memcpy\|^ *Memset" | tail -60
+  echo "=== run $i took $(( $(date +%s) - t0 ))s"
+done
+cp bench/results/train_throughput_*.json "$OUT/" 2>/dev/null
+python3 - <<'PY'
+import glob, json
+print("| tag | compile | micro | ms/step | tokens/s | MFU | peak GiB | compile s | graphs | breaks | final loss |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for f in sorted(glob.glob("bench/results/train_throughput_*.json")):
+    r = json.load(open(f))
+    if "graph_breaks" not in r:
+        continue
+    print(f"| {f.split('train_throughput_')[1][:-5]} | {r['compile']} | {r['micro_batch_tokens']} | {r['ms_per_step']} | "
+          f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_memory_gib']} | {r['compile_seconds']} | "
+          f"{r['unique_graphs']} | {r['graph_breaks']} | {r['final_loss']:.4f} |")
+PY
