@@ -25,7 +25,8 @@ for run in "$@"; do
   env "${envs[@]}" python3 bench/train_throughput.py "${words[@]}" 2>&1 | tee "$OUT/run$i.log" | grep -v "^step \|^ *aten::\|^ *void \|^ *triton_\|^ *Memcpy\|^ *Memset" | tail -60
   echo "=== run $i took $(( $(date +%s) - t0 ))s"
 done
-cp bench/results/train_throughput_*.json "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" bench/results/train_throughput_*.json -C "$OUT" $(cd "$OUT" && ls run*.log tokenize.log) && rm -f "$OUT"/run*.log
+ls -d /tmp/ind_* >/dev/null 2>&1 && tar czf "$OUT/inductor.tgz" $(find /tmp/ind_* -name "*.py")  # TORCHINDUCTOR_CACHE_DIR=/tmp/ind_<tag>
 python3 - <<'PY'
 import glob, json
 print("| tag | compile | micro | ms/step | tokens/s | MFU | peak GiB | compile s | graphs | breaks | final loss |")

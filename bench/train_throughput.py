@@ -59,7 +59,7 @@ def profile(trainer: Trainer, steps: int) -> None:
     events = prof.key_averages()
     kernels = [e for e in events if not e.key.startswith("optimizer.")]  # annotations would count twice
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
-    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=160))
     for e in events:
         if e.key.startswith("optimizer."):
             print(f"{e.key}: host {e.cpu_time_total / steps / 1e3:.2f} ms/step, "

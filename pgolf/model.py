@@ -19,8 +19,13 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def activation_dtype(device: torch.device) -> torch.dtype:
+    """The residual stream's dtype: autocast's (bf16 on CUDA) when it is on, else fp32."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # autocast may run it in fp32: keep the input's dtype
 
 
 def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -97,7 +102,7 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.qk_norm:
             q = q * self.q_gain.to(q.dtype)[:, None]
-        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
+        dt = activation_dtype(x.device)
         y = attention(q.to(dt), k.to(dt), v.to(dt))
         if self.xsa:  # exclusive self attention: remove each head's component along its own token's value
             g = self.heads // self.kv_heads
@@ -216,7 +221,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        x = rms_norm(x)
+        x = rms_norm(x).to(activation_dtype(idx.device))  # a bf16 stream halves the elementwise traffic
         if self.smear is not None:
             x = self.smear(x)
         x0 = x
