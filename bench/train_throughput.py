@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name an older pgolf to compare
 from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
 from pgolf.model import CastedLinear, GPT  # noqa: E402
 from pgolf.train import Trainer, init_runtime  # noqa: E402

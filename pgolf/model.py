@@ -1,10 +1,12 @@
 """The GPT the seeds train: a baseline decoder plus every option of the record stack, each off by default."""
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 
@@ -58,19 +60,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA)."""
+    """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA).
+
+    K/V keep their fewer heads: cuDNN and flash take GQA natively (bench/attention_check.py), so no copies.
+    """
     if _fa3 is not None and q.is_cuda:
         out = _fa3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        groups = q.size(1) // k.size(1)  # cuDNN's kernel takes equal head counts
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
+    backends = sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    with backends if q.is_cuda else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
 
