@@ -1,6 +1,7 @@
 """Hessians H = XᵀX of the inputs of every quantizable linear map, for GPTQ.
 
-Linear layers that read the same input tensor (q, k, v) share one H. The output head's H comes from
+Linear layers that read the same input tensor (q, k, v) share one H. q, k and v run as one matmul inside
+Attention, so their input is taken by a pre-hook on the attention module. The output head's H comes from
 the final hidden states; with tied embeddings it belongs to `tok_emb.weight`.
 """
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .model import GPT, autocast
+from .model import GPT, Attention, autocast
 
 
 def head_name(model: GPT) -> str:
@@ -42,14 +43,15 @@ def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
                      progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     """Accumulate fp32 XᵀX / n per distinct linear input; returns (H by key, weight name -> key, tokens)."""
     device = next(model.parameters()).device
-    linears = {n: m for n, m in model.quantizable_linears().items() if m is not model.lm_head}
+    fused = {f"{n}.{part}.weight": m for n, m in model.named_modules() if isinstance(m, Attention) for part in "qkv"}
+    linears = {n: m for n, m in model.quantizable_linears().items() if m is not model.lm_head and n not in fused}
     sums: dict[str, torch.Tensor] = {}
     shared: dict[str, str] = {}
     seen_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}  # holds the tensors so no address is reused
     first_batch = True
 
     def hook(name):
-        def fn(module, inputs, output):
+        def fn(module, inputs, *output):
             x = inputs[0]
             if first_batch:  # map each weight to the first linear that read the same input tensor
                 key = (x.data_ptr(), tuple(x.shape), x.dtype)
@@ -60,6 +62,7 @@ def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    handles += [m.register_forward_pre_hook(hook(n)) for n, m in fused.items()]
     head = head_name(model)
     tokens = 0
     model.eval()

@@ -47,9 +47,11 @@ class CastedLinear(nn.Linear):
         if zero_init:
             nn.init.zeros_(self.weight)
 
+    def effective_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
-        return F.linear(x, w.to(x.dtype))
+        return F.linear(x, self.effective_weight().to(x.dtype))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,6 +84,7 @@ class Attention(nn.Module):
         self.q = CastedLinear(cfg.dim, cfg.heads * self.head_dim)
         self.k = CastedLinear(cfg.dim, cfg.kv_heads * self.head_dim)
         self.v = CastedLinear(cfg.dim, cfg.kv_heads * self.head_dim)
+        self.qkv_sizes = (cfg.heads * self.head_dim, cfg.kv_heads * self.head_dim, cfg.kv_heads * self.head_dim)
         self.proj = CastedLinear(cfg.heads * self.head_dim, cfg.dim, zero_init=True)
         self.qk_norm, self.xsa = cfg.qk_norm, xsa
         if cfg.qk_norm:
@@ -91,9 +94,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.heads, self.head_dim)
-        k = self.k(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v(x).view(B, T, self.kv_heads, self.head_dim)
+        # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
+        w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
+        q, k, v = F.linear(x, w.to(x.dtype)).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
         if self.ve_scale is not None and ve is not None:
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         if self.qk_norm:
