@@ -338,6 +338,8 @@ class TrainLoader:
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world)
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU queue to drain
+            local = local.pin_memory()
         local = local.to(self.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
