@@ -52,12 +52,15 @@ class Muon(torch.optim.Optimizer):
     def _step_shape(self, group: dict, shape: tuple, params: list[torch.Tensor]) -> None:
         mine = params[self.rank::self.world]
         per_rank = -(-len(params) // self.world)
-        G = torch.zeros((per_rank, *shape), device=params[0].device, dtype=torch.float32)
-        for i, p in enumerate(mine):
-            g = p.grad.float() if p.grad is not None else torch.zeros(shape, device=p.device)
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
-            buf.mul_(group["momentum"]).add_(g)
-            G[i] = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        momentum = group["momentum"]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+        if mine:  # foreach ops: a few launches per shape, not a few per matrix
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+        rows = list(torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] and mine else bufs)
+        rows += [torch.zeros(shape, device=params[0].device)] * (per_rank - len(mine))
+        G = torch.stack(rows)
         if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
             G = G / (G.norm(dim=-1, keepdim=True) + 1e-7)
         U = newton_schulz(G, group["ns_steps"]).to(torch.float32)
@@ -67,11 +70,10 @@ class Muon(torch.optim.Optimizer):
             dist.all_gather_into_tensor(gathered, U)  # rank r's block holds matrices r, r+world, ...
             updates = [gathered[(i % self.world) * per_rank + i // self.world] for i in range(len(params))]
         else:
-            updates = list(U[:len(params)])
-        for p, u in zip(params, updates):
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u.to(p.dtype), alpha=-group["lr"])
+            updates = list(U.unbind(0)[:len(params)])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
