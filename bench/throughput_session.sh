@@ -2,7 +2,8 @@
 # One device call for issue 7: install the carried wheels, tokenize the carried docs corpus (BPE 1024), then
 # run bench/train_throughput.py once per argument string and print every result as one table.
 # Usage on the device: bash bench/throughput_session.sh "--config baseline --micro-batch-tokens 131072" ...
-# An argument may start with VAR=value words: environment for that run only.
+# An argument may start with VAR=value words: environment for that run only (PYTHONPATH=.carry/snap/v1:/tmp/site
+# runs an older pgolf). Runs that would start after SESSION_BUDGET_S seconds are skipped.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,16 +17,18 @@ p["data"] = {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "vocab_size"
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 python3 -m stages.tokenize > "$OUT/tokenize.log" 2>&1 || { cat "$OUT/tokenize.log"; exit 1; }
-i=0
+i=0; start=$(date +%s)
+[ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && python3 bench/attention_check.py 2>&1 | tail -8
 for run in "$@"; do
   i=$((i + 1)); t0=$(date +%s)
+  [ $(( t0 - start )) -lt "${SESSION_BUDGET_S:-480}" ] || { echo "=== run $i skipped: out of time: $run"; continue; }
   echo "=== run $i: $run"
   read -ra words <<< "$run"; envs=()
   while [[ ${#words[@]} -gt 0 && ${words[0]} == *=* && ${words[0]} != -* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
-  env "${envs[@]}" python3 bench/train_throughput.py "${words[@]}" 2>&1 | tee "$OUT/run$i.log" | grep -v "^step \|^ *aten::\|^ *void \|^ *triton_\|^ *Memcpy\|^ *Memset" | tail -60
+  env "${envs[@]}" python3 bench/train_throughput.py "${words[@]}" 2>&1 | tee "$OUT/run$i.log" | grep -v "^step \|%  " | tail -40
   echo "=== run $i took $(( $(date +%s) - t0 ))s"
 done
-tar czf "$OUT/results.tgz" bench/results/train_throughput_*.json -C "$OUT" $(cd "$OUT" && ls run*.log tokenize.log) && rm -f "$OUT"/run*.log
+tar czf "$OUT/results.tgz" bench/results/*.json -C "$OUT" $(cd "$OUT" && ls run*.log tokenize.log) && rm -f "$OUT"/run*.log
 ls -d /tmp/ind_* >/dev/null 2>&1 && tar czf "$OUT/inductor.tgz" $(find /tmp/ind_* -name "*.py")  # TORCHINDUCTOR_CACHE_DIR=/tmp/ind_<tag>
 python3 - <<'PY'
 import glob, json
