@@ -1,6 +1,5 @@
 """The GPT the seeds train: a baseline decoder plus every option of the record stack, each off by default."""
 
-import contextlib
 import math
 
 import torch
@@ -62,18 +61,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA).
-
-    K/V keep their fewer heads: cuDNN and flash take GQA natively (bench/attention_check.py), so no copies.
-    """
+    """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA)."""
     if _fa3 is not None and q.is_cuda:
         out = _fa3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    backends = sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-    with backends if q.is_cuda else contextlib.nullcontext():
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return y.transpose(1, 2)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    # cuDNN takes unequal head counts and is faster alone (bench/attention_check.py), but in the compiled
+    # model its dk/dv layout made the rope backward 15 ms/step slower: repeat K/V (bench/NOTES.md, call 3)
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
 class Attention(nn.Module):
