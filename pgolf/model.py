@@ -20,6 +20,9 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+ROPE_TABLE_LEN = 4096  # positions with precomputed rope tables; longer sequences compute theirs
+
+
 def activation_dtype(device: torch.device) -> torch.dtype:
     """The residual stream's dtype: autocast's (bf16 on CUDA) when it is on, else fp32."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
@@ -206,6 +209,9 @@ class GPT(nn.Module):
         if cfg.unet_skips:
             self.skip_weights = nn.Parameter(torch.ones(cfg.layers - self.n_encoder, cfg.dim))
         self.lm_head = None if cfg.tied_embed else CastedLinear(cfg.dim, cfg.vocab_size, zero_init=True)
+        angles = self._rope_angles(ROPE_TABLE_LEN)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.recurrence = False  # the trainer switches depth recurrence on after model.recur_after of training
 
     def layer_order(self) -> list[int]:
@@ -215,10 +221,17 @@ class GPT(nn.Module):
             order = order[:e + 1] + order[s:e + 1] + order[e + 1:]
         return order
 
-    def _rope(self, T: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_angles(self, T: int, device: torch.device | None = None) -> torch.Tensor:
         inv = 1.0 / self.cfg.rope_base ** (torch.arange(self.rope_dims, device=device, dtype=torch.float32) / self.rope_dims)
-        angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
-        return angles.cos()[None, :, None].to(dtype), angles.sin()[None, :, None].to(dtype)
+        return torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+
+    def _rope(self, T: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if T <= self.rope_cos.size(0):  # tables, not sin/cos recomputed inside every rope kernel
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            angles = self._rope_angles(T, device)
+            cos, sin = angles.cos(), angles.sin()
+        return cos[None, :, None].to(dtype), sin[None, :, None].to(dtype)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states (B, T, dim): the input of the output head."""

@@ -47,6 +47,43 @@ def test_every_option_runs_and_changes_the_output(option):
     assert not torch.allclose(model.logits(idx), base.logits(idx), atol=1e-5)
 
 
+def test_residual_stream_runs_in_the_autocast_dtype():
+    model = randomized(GPT(tiny_model()), 3)
+    dtypes = []
+    model.blocks[0].register_forward_hook(lambda m, i, out: dtypes.append((i[0].dtype, i[1].dtype, out.dtype)))
+    idx = torch.randint(0, 320, (2, 16))
+    model.logits(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.logits(idx)
+    assert dtypes == [(torch.float32,) * 3, (torch.bfloat16,) * 3]
+    assert logits.dtype == torch.float32  # loss and softcap stay fp32
+
+
+def test_attention_q_k_v_matmul_equals_the_three_linears():
+    model = randomized(GPT(tiny_model(qk_norm=False, rope_dims=2)), 4)
+    attn = model.blocks[0].attn
+    seen = {}
+    attn.register_forward_pre_hook(lambda m, i: seen.update(x=i[0]))
+    attn.register_forward_hook(lambda m, i, out: seen.update(out=out))
+    model.logits(torch.randint(0, 320, (2, 16)))
+    x, B, T = seen["x"], 2, 16
+    q, k, v = (lin(x).view(B, T, -1, attn.head_dim) for lin in (attn.q, attn.k, attn.v))
+    cos, sin = model._rope(T, x.device, x.dtype)
+    from pgolf.model import attention, rotate
+
+    y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v)
+    torch.testing.assert_close(seen["out"], attn.proj(y.reshape(B, T, -1)), atol=1e-5, rtol=1e-4)
+
+
+def test_rope_tables_match_angles_computed_on_the_fly():
+    model = GPT(tiny_model(rope_dims=4))
+    cos, sin = model._rope(16, torch.device("cpu"), torch.float32)
+    long_cos, long_sin = model._rope(model.rope_cos.size(0) + 8, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(cos, long_cos[:, :16])
+    torch.testing.assert_close(sin, long_sin[:, :16])
+    assert not torch.allclose(cos[:, 1:], cos[:, :1].expand_as(cos[:, 1:]))
+
+
 def test_newton_schulz_is_near_orthogonal():
     for shape in [(64, 64), (32, 96), (96, 32), (3, 48, 80)]:
         G = torch.randn(shape, dtype=torch.float64)
