@@ -5,18 +5,7 @@
 # An argument may start with VAR=value words: environment for that run only (PYTHONPATH=.carry/snap/v1:/tmp/site
 # runs an older pgolf). Runs that would start after SESSION_BUDGET_S seconds are skipped.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
-python3 - <<'PY'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-p["data"] = {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "vocab_size": 1024, "val_docs": 150,
-             "tokenizer_train_chars": 20_000_000, "shard_tokens": 20_000_000}
-yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
-PY
-python3 -m stages.tokenize > "$OUT/tokenize.log" 2>&1 || { cat "$OUT/tokenize.log"; exit 1; }
+source bench/device_setup.sh
 i=0; start=$(date +%s)
 [ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && python3 bench/attention_check.py 2>&1 | tail -8
 for run in "$@"; do

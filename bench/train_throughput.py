@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="after the timed steps, profile this many more")
     ap.add_argument("--log-every", type=int, default=0)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--seed", type=int, default=0, help="0: the config's seed")
     args = ap.parse_args()
     if args.config == "baseline":
         mcfg, tcfg = BASELINE
@@ -88,7 +89,8 @@ def main() -> None:
     tcfg = dataclasses.replace(tcfg, iterations=args.steps, max_seconds=0, compile=not args.no_compile,
                                compile_warmup_steps=args.warmup, log_every=args.log_every or max(args.steps // 5, 1),
                                checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
-                               micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens)
+                               micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens,
+                               seed=args.seed or tcfg.seed)
     rt = init_runtime()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +102,7 @@ def main() -> None:
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),
            "peak_memory_gib": m["peak_memory_gib"], "compile_seconds": m["compile_seconds"],
-           "final_loss": m["final_train_loss"], "losses": trainer.losses, "gpu": m["gpu"],
+           "final_loss": m["final_train_loss"], "seed": tcfg.seed, "log_every": tcfg.log_every, "losses": trainer.losses, "gpu": m["gpu"],
            "graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"]}
     if args.profile and rt.master:
         profile(trainer, args.profile)
