@@ -11,7 +11,7 @@ CUDA_VISIBLE_DEVICES=0 PYTHONPATH=.carry/snap/v0:/tmp/site python3 $B --no-compi
 (CUDA_VISIBLE_DEVICES=1 python3 $B --micro-batch-tokens 262144 --tag honesty_opt_1337 &&
  CUDA_VISIBLE_DEVICES=1 python3 $B --micro-batch-tokens 262144 --seed 1338 --tag honesty_opt_1338) > "$OUT/opt.log" 2>&1
 wait
-tail -3 "$OUT/plain.log" "$OUT/opt.log"
+tail -n 3 "$OUT/plain.log" "$OUT/opt.log"
 python3 bench/loss_curves.py $R/train_throughput_honesty_plain.json $R/train_throughput_honesty_opt_1337.json \
   $R/train_throughput_honesty_opt_1338.json
 S="bench/train_throughput.py --config baseline --steps 20 --micro-batch-tokens 262144"

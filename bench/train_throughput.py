@@ -115,6 +115,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|")
         print(f"| {row['config']} | {row['compile']} | {row['world']} | {row['ms_per_step']} | {tok_s:,.0f} | "
               f"{row['mfu']:.1%} | {row['peak_memory_gib']} | {row['final_loss']:.4f} |")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
