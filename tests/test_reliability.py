@@ -140,20 +140,20 @@ def test_every_loader_refuses_a_pickle_bomb(tmp_path):
     assert not os.path.exists(BOMB_MARK)
 
 
+BAD_PARAMS = [
+    ("quant:\n  metod: gptq\n", r"params.yaml: unknown param 'quant.metod'; did you mean 'quant.method'\?"),
+    ("train:\n  iterations: many\n", r"params.yaml: train.iterations: expected int, got 'many'"),
+    ("quant:\n  bits: {attn: 6, mpl: 6}\n", r"unknown param 'quant.bits.mpl'; did you mean 'quant.bits.mlp'\?"),
+    ("data: [1, 2]\n", r"data: expected a mapping"),
+]
+
+
 def test_bad_params_name_the_key(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("quant:\n  metod: gptq\n")
-    with pytest.raises(PgolfError, match=r"params.yaml: unknown param 'quant.metod'; did you mean 'quant.method'\?"):
-        load_params(p)
-    p.write_text("train:\n  iterations: many\n")
-    with pytest.raises(PgolfError, match=r"params.yaml: train.iterations: expected int, got 'many'"):
-        load_params(p)
-    p.write_text("quant:\n  bits: {attn: 6, mpl: 6}\n")
-    with pytest.raises(PgolfError, match=r"unknown param 'quant.bits.mpl'; did you mean 'quant.bits.mlp'\?"):
-        load_params(p)
-    p.write_text("data: [1, 2]\n")
-    with pytest.raises(PgolfError, match=r"data: expected a mapping"):
-        load_params(p)
+    for text, message in BAD_PARAMS:
+        p.write_text(text)
+        with pytest.raises(PgolfError, match=message):
+            load_params(p)
     assert load_params(ROOT / "params.yaml").model.layers == 4
     assert load_params(ROOT / "presets" / "challenge.yaml").model.layers == 11
 
