@@ -39,6 +39,7 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
 
 def profile(trainer: Trainer, steps: int) -> None:
     """Top device kernels over a few more steps, and how much of the wall time the GPU was busy."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, record_function
 
     def labelled(step, name):
@@ -57,8 +58,10 @@ def profile(trainer: Trainer, steps: int) -> None:
         trainer._sync()
     wall = time.perf_counter() - t0
     events = prof.key_averages()
-    kernels = [e for e in events if not e.key.startswith("optimizer.")]  # annotations would count twice
-    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    # device-side events only (as the table's "Self CUDA time total"): each aten op also carries its kernels'
+    # time, and the optimizer annotations span kernels already counted
+    busy = sum(e.self_device_time_total for e in events
+               if e.device_type != DeviceType.CPU and not e.key.startswith("optimizer.")) / 1e6
     print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=160))
     for e in events:
         if e.key.startswith("optimizer."):

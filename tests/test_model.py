@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model, tiny_train
 from pgolf.checkpoint import load_tensors, save_tensors
 from pgolf.data import write_shard
-from pgolf.model import GPT
+from pgolf.model import GPT, attention, rotate
 from pgolf.optim import lr_scale, newton_schulz
 from pgolf.train import Runtime, Trainer, ema_decay_at
 
@@ -69,8 +69,6 @@ def test_attention_q_k_v_matmul_equals_the_three_linears():
     x, B, T = seen["x"], 2, 16
     q, k, v = (lin(x).view(B, T, -1, attn.head_dim) for lin in (attn.q, attn.k, attn.v))
     cos, sin = model._rope(T, x.device, x.dtype)
-    from pgolf.model import attention, rotate
-
     y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v)
     torch.testing.assert_close(seen["out"], attn.proj(y.reshape(B, T, -1)), atol=1e-5, rtol=1e-4)
 
