@@ -3,18 +3,20 @@
 # run bench/train_throughput.py once per argument string and print every result as one table.
 # Usage on the device: bash bench/throughput_session.sh "--config baseline --micro-batch-tokens 131072" ...
 # An argument may start with VAR=value words: environment for that run only (PYTHONPATH=.carry/snap/v1:/tmp/site
-# runs an older pgolf). Runs that would start after SESSION_BUDGET_S seconds are skipped.
+# runs an older pgolf). Each run is cut off where SESSION_BUDGET_S seconds run out, so the results always come back.
 set -uo pipefail
+start=$(date +%s)
 source bench/device_setup.sh
-i=0; start=$(date +%s)
-[ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && python3 bench/attention_check.py 2>&1 | tail -8
+i=0
+[ "${ATTENTION_CHECK:-1}" = 1 ] && [ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && python3 bench/attention_check.py 2>&1 | tail -10
 for run in "$@"; do
   i=$((i + 1)); t0=$(date +%s)
-  [ $(( t0 - start )) -lt "${SESSION_BUDGET_S:-480}" ] || { echo "=== run $i skipped: out of time: $run"; continue; }
-  echo "=== run $i: $run"
+  left=$(( ${SESSION_BUDGET_S:-480} - (t0 - start) ))
+  [ "$left" -gt 30 ] || { echo "=== run $i skipped: out of time: $run"; continue; }
+  echo "=== run $i (at most ${left}s): $run"
   read -ra words <<< "$run"; envs=()
   while [[ ${#words[@]} -gt 0 && ${words[0]} == *=* && ${words[0]} != -* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
-  env "${envs[@]}" python3 bench/train_throughput.py "${words[@]}" 2>&1 | tee "$OUT/run$i.log" | grep -v "^step \|%  " | tail -40
+  timeout "$left" env "${envs[@]}" python3 bench/train_throughput.py "${words[@]}" 2>&1 | tee "$OUT/run$i.log" | grep -v "^step \|%  " | tail -40
   echo "=== run $i took $(( $(date +%s) - t0 ))s"
 done
 tar czf "$OUT/results.tgz" bench/results/*.json -C "$OUT" $(cd "$OUT" && ls run*.log tokenize.log) && rm -f "$OUT"/run*.log

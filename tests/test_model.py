@@ -9,7 +9,7 @@ from pgolf.checkpoint import load_tensors, save_tensors
 from pgolf.data import write_shard
 from pgolf.model import GPT, attention, rotate
 from pgolf.optim import lr_scale, newton_schulz
-from pgolf.train import Runtime, Trainer, ema_decay_at
+from pgolf.train import SYNC_EVERY, Runtime, Trainer, ema_decay_at
 
 CPU = Runtime(0, 1, torch.device("cpu"))
 
@@ -130,6 +130,25 @@ def test_wallclock_cap_stops_a_run(tmp_path):
     assert 0 < result.metrics["steps"] < 10**6
     # the schedule keyed to wallclock has cooled down by the end of a capped run
     assert lr_scale(result.metrics["steps"], result.metrics["train_seconds"], cfg) == 0.0
+
+
+def test_host_waits_for_the_device_only_at_sync_points(tmp_path, monkeypatch):
+    make_shards(tmp_path)
+    trainer = Trainer(tiny_model(), tiny_train(iterations=45, log_every=25), tmp_path, CPU, log=lambda s: None)
+    waits = []
+    monkeypatch.setattr(trainer, "_sync", lambda: waits.append(trainer.step))
+    result = trainer.run()
+    # first step, one in SYNC_EVERY since the last wait, log step 25, the last step
+    assert waits == [1, 1 + SYNC_EVERY, 25, 25 + SYNC_EVERY, 45]
+    assert result.metrics["steps"] == 45 and result.metrics["train_seconds"] > 0
+    # a capped run stops on a measured clock (its last step waited), about one step past the cap
+    capped = Trainer(tiny_model(), tiny_train(iterations=10**6, max_seconds=0.5, log_every=10**6), tmp_path, CPU,
+                     log=lambda s: None)
+    capped_waits = []
+    monkeypatch.setattr(capped, "_sync", lambda: capped_waits.append(capped.step))
+    m = capped.run().metrics
+    assert capped_waits[-1] == m["steps"]
+    assert 0.5 <= m["train_seconds"] < 1.5
 
 
 def test_checkpoint_roundtrip_is_exact(tmp_path):
