@@ -52,8 +52,13 @@ class CastedLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         return fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight().to(x.dtype))
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T, each output channel times out_scale if given: folded into the weight, so backward needs
+        neither the unscaled output nor a token-wide reduction for the scale's gradient."""
+        w = self.effective_weight()
+        if out_scale is not None:
+            w = w * out_scale[:, None]
+        return F.linear(x, w.to(x.dtype))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,8 @@ class Attention(nn.Module):
         self.gate = CastedLinear(cfg.dim, cfg.heads, zero_init=True) if cfg.head_gate else None
         self.ve_scale = nn.Parameter(torch.ones(1)) if value_embed else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None,
+                out_scale: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
         w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
@@ -114,7 +120,7 @@ class Attention(nn.Module):
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.head_dim)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
-        return self.proj(y.reshape(B, T, -1))
+        return self.proj(y.reshape(B, T, -1), out_scale)
 
 
 class MLP(nn.Module):
@@ -125,10 +131,10 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg.dim, zero_init=True)
         self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        return self.proj(h.square())
+        return self.proj(h.square(), out_scale)
 
 
 class Block(nn.Module):
@@ -147,11 +153,11 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.norm_scale
-        a = self.attn_scale.to(x.dtype) * self.attn(h, cos, sin, ve)
+        a = self.attn(h, cos, sin, ve, self.attn_scale)
         if self.parallel:
-            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
+            return x + a + self.mlp(h, self.mlp_scale)
         x = x + a
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        return x + self.mlp(rms_norm(x) * self.norm_scale, self.mlp_scale)
 
 
 class BigramHash(nn.Module):
@@ -231,10 +237,12 @@ class GPT(nn.Module):
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states (B, T, dim): the input of the output head."""
-        x = self.tok_emb(idx)
+        dt = activation_dtype(idx.device)  # a bf16 stream halves the elementwise traffic
+        # the table, not the rows, is cast: x0, which every layer reads again, is then bf16 as well
+        x = F.embedding(idx, self.tok_emb.weight.to(dt))
         if self.bigram is not None:
-            x = x + self.bigram(idx)
-        x = rms_norm(x).to(activation_dtype(idx.device))  # a bf16 stream halves the elementwise traffic
+            x = x + self.bigram(idx).to(dt)
+        x = rms_norm(x)
         if self.smear is not None:
             x = self.smear(x)
         x0 = x

@@ -59,7 +59,8 @@ def test_residual_stream_runs_in_the_autocast_dtype():
     assert logits.dtype == torch.float32  # loss and softcap stay fp32
 
 
-def test_attention_q_k_v_matmul_equals_the_three_linears():
+def test_attention_matmuls_equal_the_plain_linears():
+    """q/k/v as one matmul, and the per-channel attn_scale folded into the projection's weight."""
     model = randomized(GPT(tiny_model(qk_norm=False, rope_dims=2)), 4)
     attn = model.blocks[0].attn
     seen = {}
@@ -70,7 +71,11 @@ def test_attention_q_k_v_matmul_equals_the_three_linears():
     q, k, v = (lin(x).view(B, T, -1, attn.head_dim) for lin in (attn.q, attn.k, attn.v))
     cos, sin = model._rope(T, x.device, x.dtype)
     y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v)
-    torch.testing.assert_close(seen["out"], attn.proj(y.reshape(B, T, -1)), atol=1e-5, rtol=1e-4)
+    expected = model.blocks[0].attn_scale * attn.proj(y.reshape(B, T, -1))
+    assert not torch.allclose(model.blocks[0].attn_scale, torch.ones(()))
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-4)
+    mlp, scale, h = model.blocks[0].mlp, model.blocks[0].mlp_scale, torch.randn(B, T, model.cfg.dim)
+    torch.testing.assert_close(mlp(h, scale), scale * mlp(h), atol=1e-5, rtol=1e-4)
 
 
 def test_rope_tables_match_angles_computed_on_the_fly():
@@ -83,8 +88,15 @@ def test_rope_tables_match_angles_computed_on_the_fly():
 
 
 def test_newton_schulz_is_near_orthogonal():
-    for shape in [(64, 64), (32, 96), (96, 32), (3, 48, 80)]:
-        G = torch.randn(shape, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=g))
+    # a square Gaussian matrix often has a singular value near 0, which five steps cannot lift: square case
+    # with singular values spread over 20x instead; rectangular Gaussian ones are well conditioned
+    square = q1 @ torch.diag(torch.linspace(0.05, 1, 64, dtype=torch.float64)) @ q2
+    shapes = [(32, 96), (96, 32), (3, 48, 80)]
+    for G in [square] + [torch.randn(shape, dtype=torch.float64, generator=g) for shape in shapes]:
+        shape = tuple(G.shape)
         X = newton_schulz(G, 5)
         s = torch.linalg.svdvals(X.double())
         # the quintic iteration pushes every singular value into roughly [0.7, 1.2]
