@@ -4,11 +4,12 @@
 # Usage on the device: bash bench/throughput_session.sh "--config baseline --micro-batch-tokens 131072" ...
 # An argument may start with VAR=value words: environment for that run only (PYTHONPATH=.carry/snap/v1:/tmp/site
 # runs an older pgolf). Each run is cut off where SESSION_BUDGET_S seconds run out, so the results always come back.
+# CHECKS="bench/attention_check.py bench/fused_qk_check.py" runs those scripts first (their tails are printed).
 set -uo pipefail
 start=$(date +%s)
 source bench/device_setup.sh
 i=0
-[ "${ATTENTION_CHECK:-1}" = 1 ] && [ "$(python3 -c 'import torch; print(torch.cuda.is_available())')" = True ] && python3 bench/attention_check.py 2>&1 | tail -10
+for check in ${CHECKS:-}; do echo "=== $check"; python3 "$check" 2>&1 | tail -30; done
 for run in "$@"; do
   i=$((i + 1)); t0=$(date +%s)
   left=$(( ${SESSION_BUDGET_S:-480} - (t0 - start) ))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import fused_qk
 from .config import ModelConfig
 
 try:  # FlashAttention-3 (Hopper); optional
@@ -62,8 +63,9 @@ class CastedLinear(nn.Linear):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first 2*cos.size(-1) dims of each head; x is (B, T, H, D)."""
+    """RoPE on the first 2*cos.size(-1) dims of each head; x is (B, T, H, D), cos and sin (T, rd)."""
     rd = cos.size(-1)
+    cos, sin = cos[:, None], sin[:, None]
     x1, x2, rest = x[..., :rd], x[..., rd:2 * rd], x[..., 2 * rd:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
@@ -101,16 +103,20 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
         w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
-        q, k, v = F.linear(x, w.to(x.dtype)).split(self.qkv_sizes, dim=-1)
-        q = q.view(B, T, self.heads, self.head_dim)
-        k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
+        qkv = F.linear(x, w.to(x.dtype))
+        if self.qk_norm and fused_qk.usable(qkv):
+            q, k, v = fused_qk.qk_norm_rope(qkv, cos, sin, self.q_gain, self.heads, self.kv_heads)
+        else:
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+            q = q.view(B, T, self.heads, self.head_dim)
+            k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = rms_norm(q), rms_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if self.qk_norm:
+                q = q * self.q_gain.to(q.dtype)[:, None]
         if self.ve_scale is not None and ve is not None:
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
-        if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if self.qk_norm:
-            q = q * self.q_gain.to(q.dtype)[:, None]
         dt = activation_dtype(x.device)
         y = attention(q.to(dt), k.to(dt), v.to(dt))
         if self.xsa:  # exclusive self attention: remove each head's component along its own token's value
@@ -233,7 +239,7 @@ class GPT(nn.Module):
         else:
             angles = self._rope_angles(T, device)
             cos, sin = angles.cos(), angles.sin()
-        return cos[None, :, None].to(dtype), sin[None, :, None].to(dtype)
+        return cos.to(dtype), sin.to(dtype)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states (B, T, dim): the input of the output head."""
