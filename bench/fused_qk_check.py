@@ -3,8 +3,10 @@
     python bench/fused_qk_check.py      (CUDA only; writes bench/results/fused_qk_check.json)
 One layer of the baseline (8 heads / 4 KV, head dim 64, seq 1024), bf16 qkv rows as the matmul makes them.
 Errors are measured against an fp64 run of the torch path on the same bf16 inputs, for the fused kernels and for
-the compiled torch path (what inductor made of model.py before). Times are forward + backward per layer; the
-bytes column is what each design must move (fused: 4 KiB/token forward, 5.5 KiB backward).
+the compiled torch path (what inductor made of model.py before). Times: the fused kernels alone, forward and
+backward (the ops called directly, 262,144 tokens: no autograd or host time in them) with the bandwidth of the
+bytes they must move (4 KiB/token forward, 5.5 KiB backward); the compiled torch path forward + backward through
+autograd, the same for the fused op, as a comparison that includes host time.
 """
 
 import json
@@ -18,11 +20,12 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 from pgolf import fused_qk  # noqa: E402
 from pgolf.model import GPT, rms_norm, rotate  # noqa: E402
 
-B, T, H, KV, D = 64, 1024, 8, 4, 64
+T, H, KV, D = 1024, 8, 4, 64
 
 
 def torch_path(qkv, cos, sin, gain):
     """model.py's Attention.forward between the qkv matmul and attention."""
+    B = qkv.size(0)
     q, k, v = qkv.split((H * D, KV * D, KV * D), dim=-1)
     q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
     q, k = rotate(rms_norm(q), cos, sin), rotate(rms_norm(k), cos, sin)
@@ -69,46 +72,51 @@ def model_check() -> dict:
     return out
 
 
-def main() -> None:
-    result_model = model_check()
-    torch.manual_seed(0)
+def inputs(B: int):
     qkv = (torch.randn(B, T, (H + 2 * KV) * D, device="cuda") * 0.7).bfloat16()
     angles = torch.outer(torch.arange(T, device="cuda", dtype=torch.float32),
                          1.0 / 10000 ** (torch.arange(D // 2, device="cuda") / (D // 2)))
-    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     gain = 1.5 + 0.1 * torch.randn(H, device="cuda")
     douts = [torch.randn(B, T, n, D, device="cuda", dtype=torch.bfloat16) for n in (H, KV, KV)]
+    return qkv, angles.cos().bfloat16(), angles.sin().bfloat16(), gain, douts
 
+
+def fused(qkv, cos, sin, gain):
+    return fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV)
+
+
+def main() -> None:
+    result = {"model": model_check(), "errors": {}, "timings": []}
+    torch.manual_seed(0)
+    qkv, cos, sin, gain, douts = inputs(64)
     compiled = torch.compile(torch_path)
-    fused = lambda qkv, cos, sin, gain: fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV)  # noqa: E731
     ref = fwd_bwd(torch_path, qkv.double(), cos.double(), sin.double(), gain.double(), [d.double() for d in douts])
     names = ["q", "k", "v", "dqkv", "dgain"]
-    rows, result = [], {"shape": dict(B=B, T=T, H=H, KV=KV, D=D), "errors": {}, "timings": []}
     for label, fn in (("compiled torch", compiled), ("fused", fused)):
         got = fwd_bwd(fn, qkv, cos, sin, gain, douts)
         errs = {n: ((g.double() - r).norm() / r.norm()).item() for n, g, r in zip(names, got, ref)}
         result["errors"][label] = errs
         print(f"{label:15s} relative error vs fp64: " + "  ".join(f"{n} {e:.2e}" for n, e in errs.items()))
     e_f, e_c = result["errors"]["fused"], result["errors"]["compiled torch"]
-    result["model"] = result_model
     result["fused_within_compiled_error"] = all(e_f[n] <= 1.5 * e_c[n] + 1e-6 for n in names)
 
-    tokens = B * T
-    configs = [(None, None)] + [(bn, nw) for bn in (16, 32, 64) for nw in (2, 4, 8)]
-    for block_rows, num_warps in configs:
-        if block_rows is None:
-            label, fn = "compiled torch", compiled
-        else:
-            fused_qk.BLOCK_ROWS, fused_qk.NUM_WARPS = block_rows, num_warps
-            label, fn = f"fused rows={block_rows} warps={num_warps}", fused
-        ms = do_bench(lambda: fwd_bwd(fn, qkv, cos, sin, gain, douts), warmup=50, rep=300)
-        per_step = ms * (524_288 / tokens) * 9  # the baseline step: 524,288 tokens, 9 layers
-        rows.append((label, ms, per_step, 9.5 * 1024 * tokens / (ms * 1e-3) / 1e12))
-        result["timings"].append(dict(label=label, ms_per_layer=ms, ms_per_baseline_step=per_step))
-    print(f"\n| variant | ms / layer fwd+bwd ({tokens} tokens) | ms / baseline step | TB/s at the fused design's bytes |")
+    B = 256
+    qkv, cos, sin, gain, douts = inputs(B)
+    tokens, per_step = B * T, 524_288 / (B * T) * 9  # the baseline step: 524,288 tokens, 9 layers
+    rows = [("compiled torch, fwd+bwd with autograd", do_bench(lambda: fwd_bwd(compiled, qkv, cos, sin, gain, douts)), 0)]
+    for block_rows, num_warps in [(bn, nw) for bn in (16, 32, 64) for nw in (2, 4, 8)]:
+        fused_qk.BLOCK_ROWS, fused_qk.NUM_WARPS = block_rows, num_warps
+        fwd = do_bench(lambda: torch.ops.pgolf.qk_norm_rope(qkv, cos, sin, gain, H, KV))
+        bwd = do_bench(lambda: torch.ops.pgolf.qk_norm_rope_backward(*douts, qkv, cos, sin, gain, H, KV))
+        rows += [(f"fused fwd, rows={block_rows} warps={num_warps}", fwd, 4096),
+                 (f"fused bwd, rows={block_rows} warps={num_warps}", bwd, 5632)]
+    rows.append(("fused, fwd+bwd with autograd (last config)", do_bench(lambda: fwd_bwd(fused, qkv, cos, sin, gain, douts)), 0))
+    print(f"\n| variant ({tokens} tokens) | ms / layer | ms / baseline step | TB/s |")
     print("|---|---|---|---|")
-    for label, ms, per_step, tbs in rows:
-        print(f"| {label} | {ms:.3f} | {per_step:.1f} | {tbs:.2f} |")
+    for label, ms, nbytes in rows:
+        tbs = nbytes * tokens / (ms * 1e-3) / 1e12
+        print(f"| {label} | {ms:.3f} | {ms * per_step:.1f} | {f'{tbs:.2f}' if nbytes else '-'} |")
+        result["timings"].append(dict(label=label, ms_per_layer=ms, ms_per_baseline_step=ms * per_step))
     out = Path("bench/results/fused_qk_check.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

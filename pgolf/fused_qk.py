@@ -30,75 +30,98 @@ def usable(qkv: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rope_coeffs(t, d, cos, sin, RD: tl.constexpr):
-        """Per (token, dim): y[d] = x[d] * c + x[partner(d)] * s rotates pairs (d, d + RD) for d < RD."""
-        rot = d < 2 * RD
-        partner = tl.where(d < RD, d + RD, tl.where(rot, d - RD, d))
-        i = t[:, None] * RD + d % RD
-        c = tl.load(cos + i, mask=rot, other=1.0).to(tl.float32)
-        s = tl.load(sin + i, mask=rot, other=0.0).to(tl.float32)
-        return partner, c, tl.where(d < RD, s, -s)
+    def _load_head(src, rows_mask, RD: tl.constexpr, REST: tl.constexpr,
+                   BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr):
+        """A head's dims as fp32 tiles: the two rotated halves [0, RD) and [RD, 2 RD), and the unrotated rest."""
+        c, e = tl.arange(0, BLOCK_RD)[None, :], tl.arange(0, BLOCK_REST)[None, :]
+        x1 = tl.load(src + c, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+        x2 = tl.load(src + RD + c, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+        x3 = tl.load(src + 2 * RD + e, mask=rows_mask & (e < REST), other=0.0).to(tl.float32)
+        return x1, x2, x3
+
+    @triton.jit
+    def _store_head(dst, x1, x2, x3, rows_mask, RD: tl.constexpr, REST: tl.constexpr,
+                    BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr):
+        c, e = tl.arange(0, BLOCK_RD)[None, :], tl.arange(0, BLOCK_REST)[None, :]
+        dt = dst.dtype.element_ty
+        tl.store(dst + c, x1.to(dt), mask=rows_mask & (c < RD))
+        tl.store(dst + RD + c, x2.to(dt), mask=rows_mask & (c < RD))
+        tl.store(dst + 2 * RD + e, x3.to(dt), mask=rows_mask & (e < REST))
 
     @triton.jit
     def _fwd_kernel(qkv, cos, sin, gain, q_out, k_out, v_out, N, T, eps,
-                    H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, REST: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
         pid, h = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (rows < N)[:, None] & (d < D)
+        rows_mask = (rows < N)[:, None]
         src = qkv + rows[:, None] * ((H + 2 * KV) * D) + h * D
         if h < H + KV:
-            partner, c, s = _rope_coeffs(rows % T, d, cos, sin, RD)
-            x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-            xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
-            r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-            g = tl.load(gain + h, mask=h < H, other=1.0).to(tl.float32)
-            y = (x * c + xp * s) * (r * g)
+            x1, x2, x3 = _load_head(src, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
+            c = tl.arange(0, BLOCK_RD)[None, :]
+            i = (rows % T)[:, None] * RD + c
+            cs = tl.load(cos + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+            sn = tl.load(sin + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
+            rg = r * tl.load(gain + h, mask=h < H, other=1.0).to(tl.float32)
+            y1, y2, y3 = (x1 * cs + x2 * sn) * rg, (x2 * cs - x1 * sn) * rg, x3 * rg
             if h < H:
-                tl.store(q_out + rows[:, None] * (H * D) + h * D + d, y.to(q_out.dtype.element_ty), mask=mask)
+                _store_head(q_out + rows[:, None] * (H * D) + h * D, y1, y2, y3, rows_mask,
+                            RD, REST, BLOCK_RD, BLOCK_REST)
             else:
-                tl.store(k_out + rows[:, None] * (KV * D) + (h - H) * D + d, y.to(k_out.dtype.element_ty),
-                         mask=mask)
+                _store_head(k_out + rows[:, None] * (KV * D) + (h - H) * D, y1, y2, y3, rows_mask,
+                            RD, REST, BLOCK_RD, BLOCK_REST)
         else:
-            v = tl.load(src + d, mask=mask, other=0.0)
-            tl.store(v_out + rows[:, None] * (KV * D) + (h - H - KV) * D + d, v, mask=mask)
+            d = tl.arange(0, BLOCK_D)[None, :]
+            v = tl.load(src + d, mask=rows_mask & (d < D), other=0.0)
+            tl.store(v_out + rows[:, None] * (KV * D) + (h - H - KV) * D + d, v, mask=rows_mask & (d < D))
 
     @triton.jit
     def _bwd_kernel(dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, N, T, eps,
                     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-                    H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, REST: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
         pid, h = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_mask = (rows < N)[:, None]
         b, t = rows // T, rows % T
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (rows < N)[:, None] & (d < D)
         W = (H + 2 * KV) * D
         dst = dqkv + rows[:, None] * W + h * D
         if h < H + KV:
-            partner, c, s = _rope_coeffs(t, d, cos, sin, RD)
-            src = qkv + rows[:, None] * W + h * D
-            x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-            xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+            x1, x2, x3 = _load_head(qkv + rows[:, None] * W + h * D, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
             if h < H:
                 grad = dq + (b * sq_b + t * sq_t)[:, None] + h * sq_h
             else:
                 grad = dk + (b * sk_b + t * sk_t)[:, None] + (h - H) * sk_h
-            dy = tl.load(grad + d, mask=mask, other=0.0).to(tl.float32)
-            dyp = tl.load(grad + partner, mask=mask, other=0.0).to(tl.float32)
-            r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-            n = x * r
-            y = n * c + xp * r * s
-            tl.store(dgain_parts + pid * (H + KV) + h, tl.sum(tl.sum(dy * y, 1), 0))
-            g = tl.load(gain + h, mask=h < H, other=1.0).to(tl.float32)
-            dn = (dy * c - dyp * s) * g  # the rotation's transpose: the partner's coefficient is -s
-            dx = r * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])
-            tl.store(dst + d, dx.to(dqkv.dtype.element_ty), mask=mask)
+            g1, g2, g3 = _load_head(grad, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
+            c = tl.arange(0, BLOCK_RD)[None, :]
+            i = t[:, None] * RD + c
+            cs = tl.load(cos + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+            sn = tl.load(sin + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
+            n1, n2, n3 = x1 * r, x2 * r, x3 * r
+            y1, y2 = n1 * cs + n2 * sn, n2 * cs - n1 * sn
+            dgain = tl.sum(g1 * y1, 1) + tl.sum(g2 * y2, 1) + tl.sum(g3 * n3, 1)
+            tl.store(dgain_parts + pid * (H + KV) + h, tl.sum(dgain, 0))
+            gain_h = tl.load(gain + h, mask=h < H, other=1.0).to(tl.float32)
+            dn1, dn2, dn3 = (g1 * cs - g2 * sn) * gain_h, (g1 * sn + g2 * cs) * gain_h, g3 * gain_h
+            dot = ((tl.sum(dn1 * n1, 1) + tl.sum(dn2 * n2, 1) + tl.sum(dn3 * n3, 1)) / D)[:, None]
+            _store_head(dst, r * (dn1 - n1 * dot), r * (dn2 - n2 * dot), r * (dn3 - n3 * dot), rows_mask,
+                        RD, REST, BLOCK_RD, BLOCK_REST)
         else:
-            j = h - H - KV
-            g_v = tl.load(dv + (b * sv_b + t * sv_t)[:, None] + j * sv_h + d, mask=mask, other=0.0)
-            tl.store(dst + d, g_v.to(dqkv.dtype.element_ty), mask=mask)
+            d = tl.arange(0, BLOCK_D)[None, :]
+            g_v = tl.load(dv + (b * sv_b + t * sv_t)[:, None] + (h - H - KV) * sv_h + d,
+                          mask=rows_mask & (d < D), other=0.0)
+            tl.store(dst + d, g_v.to(dqkv.dtype.element_ty), mask=rows_mask & (d < D))
+
+
+def _blocks(D: int, RD: int) -> dict:
+    """Constexpr tile sizes for head dim D with the first 2 RD dims rotated."""
+    rest = D - 2 * RD
+    return dict(D=D, RD=RD, REST=rest, BLOCK_N=BLOCK_ROWS, BLOCK_RD=triton.next_power_of_2(RD),
+                BLOCK_REST=triton.next_power_of_2(max(rest, 1)), BLOCK_D=triton.next_power_of_2(D))
 
 
 def _grid(N: int, heads: int, kv_heads: int) -> tuple[int, int]:
@@ -112,8 +135,8 @@ def _qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain:
     D = W // (heads + 2 * kv_heads)
     q, k, v = (qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
     _fwd_kernel[_grid(B * T, heads, kv_heads)](
-        qkv, cos, sin, gain, q, k, v, B * T, T, EPS, H=heads, KV=kv_heads, D=D, RD=cos.size(-1),
-        BLOCK_N=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D), num_warps=NUM_WARPS)
+        qkv, cos, sin, gain, q, k, v, B * T, T, EPS, H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)),
+        num_warps=NUM_WARPS)
     return q, k, v
 
 
@@ -137,8 +160,7 @@ def _qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     _bwd_kernel[grid](
         dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, B * T, T, EPS,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H=heads, KV=kv_heads, D=D, RD=cos.size(-1), BLOCK_N=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=NUM_WARPS)
+        H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)), num_warps=NUM_WARPS)
     return dqkv, dgain_parts[:, :heads].sum(0).to(gain.dtype)
 
 
