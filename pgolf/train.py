@@ -158,11 +158,15 @@ class Trainer:
         self._sync()
         self.compile_seconds = time.perf_counter() - t0
 
+    def _predicted_clock(self, synced_step: int, step_seconds: float) -> float:
+        """Training seconds at self.step, predicted from the last clock all ranks agreed on (at synced_step)."""
+        return self.train_seconds + (self.step - synced_step) * step_seconds
+
     def _sync_due(self, synced_step: int, step_seconds: float) -> bool:
         """Whether the step just taken waits for the GPU: the first after a (re)start, one in SYNC_EVERY, the
         last by iterations, and every step once the predicted clock is within two steps of the cap."""
         cfg = self.cfg
-        predicted = self.train_seconds + (self.step - synced_step) * step_seconds
+        predicted = self._predicted_clock(synced_step, step_seconds)
         return (step_seconds == 0 or self.step - synced_step >= SYNC_EVERY or self.step >= cfg.iterations
                 or (cfg.max_seconds > 0 and predicted + 2 * step_seconds >= cfg.max_seconds))
 
@@ -255,7 +259,7 @@ class Trainer:
         synced_step, step_seconds = self.step, 0.0
         t_synced = time.perf_counter()
         while True:
-            elapsed = self.train_seconds + (self.step - synced_step) * step_seconds
+            elapsed = self._predicted_clock(synced_step, step_seconds)
             if self.step >= cfg.iterations or (cfg.max_seconds > 0 and elapsed >= cfg.max_seconds):
                 break
             scale = optim.lr_scale(self.step, elapsed, cfg)

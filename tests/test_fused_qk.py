@@ -1,0 +1,80 @@
+"""The fused q/k Triton kernels, run by Triton's interpreter on the CPU, against model.py's torch path."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A separate interpreter: TRITON_INTERPRET must be set before triton is imported.
+SCRIPT = textwrap.dedent("""
+    import torch
+    from conftest import tiny_model
+    from pgolf import fused_qk
+    from pgolf.model import GPT, rms_norm, rotate
+
+    def torch_path(qkv, cos, sin, gain, H, KV):
+        B, T, W = qkv.shape
+        D = W // (H + 2 * KV)
+        q, k, v = qkv.split((H * D, KV * D, KV * D), -1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+        q, k = rotate(rms_norm(q), cos, sin), rotate(rms_norm(k), cos, sin)
+        return q * gain[:, None], k, v
+
+    torch.manual_seed(0)
+    # full rope, partial rope, no unrotated rest with odd sizes, a head dim that is no power of two,
+    # a row count that leaves the last tile partial
+    for B, T, H, KV, D, rd in [(2, 37, 4, 2, 16, 8), (1, 20, 2, 1, 32, 4), (2, 9, 2, 1, 24, 12), (3, 5, 2, 2, 24, 6)]:
+        qkv = torch.randn(B, T, (H + 2 * KV) * D, requires_grad=True)
+        angles = torch.outer(torch.arange(T, dtype=torch.float32), torch.rand(rd))
+        cos, sin = angles.cos(), angles.sin()
+        gain = (1 + torch.rand(H)).requires_grad_()
+        assert fused_qk.usable(qkv)
+        outs = [fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV), torch_path(qkv, cos, sin, gain, H, KV)]
+        weights = [torch.randn_like(o) for o in outs[1]]
+        grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), (qkv, gain)) for out in outs]
+        for got, want in zip(list(outs[0]) + list(grads[0]), list(outs[1]) + list(grads[1])):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+    # the whole model: fused kernels vs the torch path, with the options that touch q, k and v
+    model = GPT(tiny_model(rope_dims=4, ve_last=2, xsa_last=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 320, (2, 24))
+    results = []
+    for enabled in (True, False):
+        fused_qk.enabled = enabled
+        model.zero_grad()
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    q_gain = [n for n, _ in model.named_parameters()].index("blocks.0.attn.q_gain")
+    assert results[0][1][q_gain].abs().sum() > 0
+    for g_fused, g_torch in zip(*(r[1] for r in results)):
+        torch.testing.assert_close(g_fused, g_torch, atol=2e-5, rtol=1e-4)
+    print("fused q/k kernels match the torch path")
+""")
+
+
+def test_fused_qk_kernels_match_the_torch_path_in_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    p = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "fused q/k kernels match the torch path" in p.stdout
+
+
+def test_fused_path_is_off_on_cpu_without_the_interpreter():
+    import torch
+
+    from pgolf import fused_qk
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter is on in this process")
+    assert not fused_qk.usable(torch.zeros(1, 1, 8))
