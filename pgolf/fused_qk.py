@@ -49,6 +49,14 @@ if triton is not None:
         tl.store(dst + 2 * RD + e, x3.to(dt), mask=rows_mask & (e < REST))
 
     @triton.jit
+    def _load_rope(cos, sin, t, rows_mask, RD: tl.constexpr, BLOCK_RD: tl.constexpr):
+        """The (T, RD) cos and sin tables at positions t, as fp32 tiles."""
+        c = tl.arange(0, BLOCK_RD)[None, :]
+        i, mask = t[:, None] * RD + c, rows_mask & (c < RD)
+        return (tl.load(cos + i, mask=mask, other=0.0).to(tl.float32),
+                tl.load(sin + i, mask=mask, other=0.0).to(tl.float32))
+
+    @triton.jit
     def _fwd_kernel(qkv, cos, sin, gain, q_out, k_out, v_out, N, T, eps,
                     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, REST: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr,
@@ -59,10 +67,7 @@ if triton is not None:
         src = qkv + rows[:, None] * ((H + 2 * KV) * D) + h * D
         if h < H + KV:
             x1, x2, x3 = _load_head(src, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
-            c = tl.arange(0, BLOCK_RD)[None, :]
-            i = (rows % T)[:, None] * RD + c
-            cs = tl.load(cos + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
-            sn = tl.load(sin + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+            cs, sn = _load_rope(cos, sin, rows % T, rows_mask, RD, BLOCK_RD)
             r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
             rg = r * tl.load(gain + h, mask=h < H, other=1.0).to(tl.float32)
             y1, y2, y3 = (x1 * cs + x2 * sn) * rg, (x2 * cs - x1 * sn) * rg, x3 * rg
@@ -96,10 +101,7 @@ if triton is not None:
             else:
                 grad = dk + (b * sk_b + t * sk_t)[:, None] + (h - H) * sk_h
             g1, g2, g3 = _load_head(grad, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
-            c = tl.arange(0, BLOCK_RD)[None, :]
-            i = t[:, None] * RD + c
-            cs = tl.load(cos + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
-            sn = tl.load(sin + i, mask=rows_mask & (c < RD), other=0.0).to(tl.float32)
+            cs, sn = _load_rope(cos, sin, t, rows_mask, RD, BLOCK_RD)
             r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
             n1, n2, n3 = x1 * r, x2 * r, x3 * r
             y1, y2 = n1 * cs + n2 * sn, n2 * cs - n1 * sn
