@@ -57,6 +57,11 @@ if triton is not None:
                 tl.load(sin + i, mask=mask, other=0.0).to(tl.float32))
 
     @triton.jit
+    def _rstd(x1, x2, x3, D: tl.constexpr, eps):
+        """1 / RMS of each row of a head given as its three tiles, as a column."""
+        return tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
+
+    @triton.jit
     def _fwd_kernel(qkv, cos, sin, gain, q_out, k_out, v_out, N, T, eps,
                     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, REST: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr,
@@ -68,7 +73,7 @@ if triton is not None:
         if h < H + KV:
             x1, x2, x3 = _load_head(src, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
             cs, sn = _load_rope(cos, sin, rows % T, rows_mask, RD, BLOCK_RD)
-            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
+            r = _rstd(x1, x2, x3, D, eps)
             rg = r * tl.load(gain + h, mask=h < H, other=1.0).to(tl.float32)
             y1, y2, y3 = (x1 * cs + x2 * sn) * rg, (x2 * cs - x1 * sn) * rg, x3 * rg
             if h < H:
@@ -102,7 +107,7 @@ if triton is not None:
                 grad = dk + (b * sk_b + t * sk_t)[:, None] + (h - H) * sk_h
             g1, g2, g3 = _load_head(grad, rows_mask, RD, REST, BLOCK_RD, BLOCK_REST)
             cs, sn = _load_rope(cos, sin, t, rows_mask, RD, BLOCK_RD)
-            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
+            r = _rstd(x1, x2, x3, D, eps)
             n1, n2, n3 = x1 * r, x2 * r, x3 * r
             y1, y2 = n1 * cs + n2 * sn, n2 * cs - n1 * sn
             dgain = tl.sum(g1 * y1, 1) + tl.sum(g2 * y2, 1) + tl.sum(g3 * n3, 1)
