@@ -18,18 +18,14 @@ from triton.testing import do_bench
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from pgolf import fused_qk  # noqa: E402
-from pgolf.model import GPT, rms_norm, rotate  # noqa: E402
+from pgolf.model import GPT, qk_norm_rope  # noqa: E402
 
 T, H, KV, D = 1024, 8, 4, 64
 
 
 def torch_path(qkv, cos, sin, gain):
     """model.py's Attention.forward between the qkv matmul and attention."""
-    B = qkv.size(0)
-    q, k, v = qkv.split((H * D, KV * D, KV * D), dim=-1)
-    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
-    q, k = rotate(rms_norm(q), cos, sin), rotate(rms_norm(k), cos, sin)
-    return q * gain.to(q.dtype)[:, None], k, v
+    return qk_norm_rope(qkv, cos, sin, gain, H, KV)
 
 
 def fwd_bwd(fn, qkv, cos, sin, gain, douts):

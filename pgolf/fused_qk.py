@@ -3,7 +3,7 @@
 Forward: per-head RMS norm of q and k, RoPE on the first 2*rd dims, a learned gain per query head, and v
 copied out, all in one pass. Backward: the qkv gradient (q/k through gain, rope and norm; v as it came) and
 the gain's partial sums, in one pass that re-derives the norm from the raw rows instead of saving it.
-Inductor made six passes for the backward (issue 7). The torch path in model.py is the definition that the
+Inductor made six passes for the backward (issue 7). `model.qk_norm_rope` is the definition that the
 tests hold this to; the kernels run wherever Triton does (on CPU under TRITON_INTERPRET=1).
 """
 
@@ -20,12 +20,12 @@ except ImportError:
 EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default under CUDA autocast, which runs it in fp32
 BLOCK_ROWS, NUM_WARPS = 32, 4
 enabled = True  # False forces the torch path (A/B benchmarks)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once, at import, as well
 
 
 def usable(qkv: torch.Tensor) -> bool:
     """True where the fused kernels can run on qkv: Triton present and a CUDA tensor (or the interpreter)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return enabled and triton is not None and (qkv.is_cuda or interpret)
+    return enabled and triton is not None and (qkv.is_cuda or INTERPRET)
 
 
 if triton is not None:
@@ -135,23 +135,27 @@ def _grid(N: int, heads: int, kv_heads: int) -> tuple[int, int]:
     return triton.cdiv(N, BLOCK_ROWS), heads + 2 * kv_heads
 
 
+def _new_qkv(qkv: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty q, k, v (B, T, heads or kv_heads, D) for (B, T, (heads + 2 kv_heads) D) qkv rows."""
+    B, T, W = qkv.shape
+    D = W // (heads + 2 * kv_heads)
+    return tuple(qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
+
+
 @torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
                   heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, W = qkv.shape
-    D = W // (heads + 2 * kv_heads)
-    q, k, v = (qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
+    B, T, _ = qkv.shape
+    q, k, v = _new_qkv(qkv, heads, kv_heads)
     _fwd_kernel[_grid(B * T, heads, kv_heads)](
-        qkv, cos, sin, gain, q, k, v, B * T, T, EPS, H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)),
+        qkv, cos, sin, gain, q, k, v, B * T, T, EPS, H=heads, KV=kv_heads, **_blocks(q.size(-1), cos.size(-1)),
         num_warps=NUM_WARPS)
     return q, k, v
 
 
 @_qk_norm_rope.register_fake
 def _(qkv, cos, sin, gain, heads, kv_heads):
-    B, T, W = qkv.shape
-    D = W // (heads + 2 * kv_heads)
-    return tuple(qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
+    return _new_qkv(qkv, heads, kv_heads)
 
 
 @torch.library.custom_op("pgolf::qk_norm_rope_backward", mutates_args=())

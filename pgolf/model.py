@@ -73,6 +73,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_gain: torch.Tensor | None,
+                 heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, (heads + 2 kv_heads) D) qkv rows -> q, k, v as (B, T, heads or kv_heads, D), q and k rotated; with a
+    q_gain (qk-norm on), q and k RMS-normed per head first and q times q_gain. The definition fused_qk follows."""
+    B, T, W = qkv.shape
+    D = W // (heads + 2 * kv_heads)
+    q, k, v = qkv.split((heads * D, kv_heads * D, kv_heads * D), dim=-1)
+    q, k, v = q.view(B, T, heads, D), k.view(B, T, kv_heads, D), v.view(B, T, kv_heads, D)
+    if q_gain is not None:
+        q, k = rms_norm(q), rms_norm(k)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if q_gain is not None:
+        q = q * q_gain.to(q.dtype)[:, None]
+    return q, k, v
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA)."""
     if _fa3 is not None and q.is_cuda:
@@ -91,7 +107,6 @@ class Attention(nn.Module):
         self.q = CastedLinear(cfg.dim, cfg.heads * self.head_dim)
         self.k = CastedLinear(cfg.dim, cfg.kv_heads * self.head_dim)
         self.v = CastedLinear(cfg.dim, cfg.kv_heads * self.head_dim)
-        self.qkv_sizes = (cfg.heads * self.head_dim, cfg.kv_heads * self.head_dim, cfg.kv_heads * self.head_dim)
         self.proj = CastedLinear(cfg.heads * self.head_dim, cfg.dim, zero_init=True)
         self.qk_norm, self.xsa = cfg.qk_norm, xsa
         if cfg.qk_norm:
@@ -108,14 +123,7 @@ class Attention(nn.Module):
         if self.qk_norm and fused_qk.usable(qkv):
             q, k, v = fused_qk.qk_norm_rope(qkv, cos, sin, self.q_gain, self.heads, self.kv_heads)
         else:
-            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-            q = q.view(B, T, self.heads, self.head_dim)
-            k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
-            if self.qk_norm:
-                q, k = rms_norm(q), rms_norm(k)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            if self.qk_norm:
-                q = q * self.q_gain.to(q.dtype)[:, None]
+            q, k, v = qk_norm_rope(qkv, cos, sin, self.q_gain if self.qk_norm else None, self.heads, self.kv_heads)
         if self.ve_scale is not None and ve is not None:
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         dt = activation_dtype(x.device)

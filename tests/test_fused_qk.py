@@ -17,15 +17,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from conftest import tiny_model
     from pgolf import fused_qk
-    from pgolf.model import GPT, rms_norm, rotate
-
-    def torch_path(qkv, cos, sin, gain, H, KV):
-        B, T, W = qkv.shape
-        D = W // (H + 2 * KV)
-        q, k, v = qkv.split((H * D, KV * D, KV * D), -1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
-        q, k = rotate(rms_norm(q), cos, sin), rotate(rms_norm(k), cos, sin)
-        return q * gain[:, None], k, v
+    from pgolf.model import GPT, qk_norm_rope
 
     torch.manual_seed(0)
     # full rope, partial rope, no unrotated rest with odd sizes, a head dim that is no power of two,
@@ -36,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         cos, sin = angles.cos(), angles.sin()
         gain = (1 + torch.rand(H)).requires_grad_()
         assert fused_qk.usable(qkv)
-        outs = [fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV), torch_path(qkv, cos, sin, gain, H, KV)]
+        outs = [fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV), qk_norm_rope(qkv, cos, sin, gain, H, KV)]
         weights = [torch.randn_like(o) for o in outs[1]]
         grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), (qkv, gain)) for out in outs]
         for got, want in zip(list(outs[0]) + list(grads[0]), list(outs[1]) + list(grads[1])):
