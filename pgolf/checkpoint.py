@@ -21,9 +21,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -33,4 +32,29 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
             meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         return load_file(str(path), device=str(device)), meta
     except (SafetensorError, json.JSONDecodeError, OSError) as e:
-        raise PgolfError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PgolfError(f"{path}: not a valid safetensors file ({reason})") from None
+
+
+_held_locks: list = []  # open lock files: a lock lives as long as the process holds its file
+
+
+def lock(folder: str | os.PathLike, what: str) -> None:
+    """Take the folder's lock for this process's lifetime, or fail with one line if another process has it."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise PgolfError(f"{folder}: {what} {holder} is using it; wait for it to finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _held_locks.append(f)

@@ -1,10 +1,16 @@
-"""The params.yaml schema: one dataclass per section, strict parsing with one-line errors.
+"""The params.yaml schema: one dataclass per section, checked as a whole when it loads.
 
-Stage scripts call `load_params`; library code takes the dataclasses and never reads params.yaml.
+Every field declares its type and, where it has one, its range or the registry holding its valid
+names. `load_params` refuses unknown keys, wrong types, out-of-range numbers, unknown choices and
+inconsistent combinations with one line naming the param. Stages call it; library code takes the
+dataclasses and never reads params.yaml.
 """
 
 import dataclasses
 import difflib
+import importlib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,107 +21,134 @@ import yaml
 
 from .errors import PgolfError
 
+NPROC = r"gpu|[1-9][0-9]*"  # gpu = every visible GPU (1 process without one), or a number of processes
+
+
+def param(default: Any = dataclasses.MISSING, *, factory: Any = None, ge: float | None = None,
+          gt: float | None = None, le: float | None = None, choices: str | None = None,
+          also: tuple[str, ...] = (), pattern: str | None = None) -> Any:
+    """A field with its checks: bounds (ge, gt, le), `choices` = "module:REGISTRY" whose names are the valid
+    values (plus `also`), or a regex `pattern` for strings."""
+    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, choices=choices, also=also, pattern=pattern).items()
+             if v is not None and v != ()}
+    if factory is not None:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin | jsonl | fineweb
-    paths: list[str] = field(default_factory=list)  # jsonl: files or folders of *.jsonl, *.jsonl.zst, *.txt
+    source: str = param("builtin", choices="pgolf.corpus:SOURCES")
+    paths: list[str] = param(factory=list)  # jsonl: files or folders of *.jsonl, *.jsonl.zst, *.txt
     tokenizer: str | None = None  # jsonl/builtin: a SentencePiece model to use; None trains one
-    vocab_size: int = 1024  # size of a tokenizer trained here
-    tokenizer_train_chars: int = 200_000_000  # cap on training text fed to the tokenizer trainer
-    val_docs: int = 50_000  # the first N documents are the validation split
-    shard_tokens: int = 100_000_000
+    vocab_size: int = param(1024, ge=260)  # size of a tokenizer trained here (byte fallback needs 256 + 4)
+    tokenizer_train_chars: int = param(200_000_000, ge=1)  # cap on text fed to the tokenizer trainer
+    val_docs: int = param(50_000, ge=1)  # the first N documents are the validation split
+    shard_tokens: int = param(100_000_000, ge=1)
+    caseops: bool = False  # lossless case transform before tokenizing (jsonl/builtin); bpb on the original bytes
     fineweb_repo: str = "willdepueoai/parameter-golf"
-    fineweb_variant: str = "sp1024"
+    fineweb_variant: str = param("sp1024", pattern=r"sp[0-9]+|byte260")
     fineweb_mirror: str | None = None  # a local folder laid out like the Hub repo
-    train_shards: int = 80
-    download_dir: str = "~/.cache/pgolf/fineweb"  # where Hub downloads land (resumable), outside the repo
+    train_shards: int = param(80, ge=1)
+    download_dir: str | None = None  # None: the Hugging Face cache
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 1024
-    layers: int = 9
-    dim: int = 512
-    heads: int = 8
-    kv_heads: int = 4
-    mlp_mult: float = 2.0
-    activation: str = "relu2"  # relu2 | leaky_relu2
-    leaky_slope: float = 0.5
+    vocab_size: int = param(1024, ge=2)
+    bos_id: int = param(1, ge=0)  # the tokenizer's BOS id (documents start with it)
+    layers: int = param(9, ge=1)
+    dim: int = param(512, ge=2)
+    heads: int = param(8, ge=1)
+    kv_heads: int = param(4, ge=1)
+    mlp_mult: float = param(2.0, gt=0)
+    activation: str = param("relu2", choices="pgolf.model:ACTIVATIONS")
+    leaky_slope: float = param(0.5, ge=0)
     tied_embed: bool = True
-    embed_init_std: float = 0.005
-    rope_base: float = 10000.0
-    rope_dims: int = 0  # rotate the first k dims of each head; 0 = all
+    embed_init_std: float = param(0.005, ge=0)
+    ortho_init: bool = False  # orthogonal init of the hidden matrices (output projections stay zero)
+    rope_base: float = param(10000.0, gt=0)
+    rope_dims: int = param(0, ge=0)  # rotate the first k dims of each head; 0 = all
     qk_norm: bool = True
     qk_gain_init: float = 1.5
-    logit_softcap: float = 30.0  # 0 = off
-    xsa_last: int = 0  # exclusive self attention on the last k layers
+    logit_softcap: float = param(30.0, ge=0)  # 0 = off
+    xsa_last: int = param(0, ge=0)  # exclusive self attention on the last k layers
     ln_scale: bool = False  # block norms scaled by 1/sqrt(layer+1)
     unet_skips: bool = False
-    smear_gate: bool = False
-    bigram_buckets: int = 0  # 0 = no BigramHash
-    bigram_dim: int = 128
-    ve_last: int = 0  # value embeddings re-injected in the last k layers
-    ve_dim: int = 128
-    recur_start: int = -1  # depth recurrence: re-run layers [recur_start, recur_end]; -1 = off
-    recur_end: int = -1
-    recur_after: float = 0.5  # ... once this fraction of training has passed
-    parallel_from: int = -1  # parallel residuals from this layer on; -1 = off
-    head_gate: bool = False  # sigmoid gate per attention head
+    skip_gates: bool = False  # U-Net skips blended in through a learned sigmoid gate (needs unet_skips)
+    smear_gate: str = param("off", choices="pgolf.model:SMEAR_GATES")
+    gate_window: int = param(12, ge=1)  # input dims the sparse attention gate and the bos smear gate read
+    sparse_gate: bool = False  # SparseAttnGate: sigmoid gate per head from the first gate_window dims
+    sparse_gate_scale: float = param(1.0, gt=0)
+    head_gate: bool = False  # dense sigmoid gate per attention head from the whole input
+    bigram_buckets: int = param(0, ge=0)  # 0 = no BigramHash
+    bigram_dim: int = param(128, ge=1)
+    ve_last: int = param(0, ge=0)  # value embeddings re-injected in the last k layers
+    ve_dim: int = param(128, ge=1)
+    recur_start: int = param(-1, ge=-1)  # depth recurrence: layers [recur_start, recur_end] run again; -1 = off
+    recur_end: int = param(-1, ge=-1)
+    recur_loops: int = param(1, ge=1)  # extra passes over the looped layers
+    recur_after: float = param(0.5, ge=0, le=1)  # training fraction at which the first extra pass starts ...
+    recur_stagger: float = param(0.0, ge=0, le=1)  # ... and each further one this much later (progressive)
+    parallel_from: int = param(-1, ge=-1)  # parallel residuals from this layer on; -1 = off
 
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 1024
-    batch_tokens: int = 524_288  # global, per optimizer step
-    micro_batch_tokens: int = 65_536  # per rank, per forward
-    iterations: int = 20_000
-    max_seconds: float = 600.0  # wallclock cap on training; 0 = none (schedule keyed to steps)
-    warmup_steps: int = 20
-    warmdown_frac: float = 0.5  # last fraction of the run decays the LR ...
-    lr_floor: float = 0.0  # ... to this fraction of its peak
-    matrix_lr: float = 0.04
-    embed_lr: float = 0.05
-    head_lr: float = 0.008
-    scalar_lr: float = 0.04
-    muon_momentum: float = 0.95
-    muon_momentum_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    muon_wd: float = 0.0
+    seq_len: int = param(1024, ge=1)
+    batch_tokens: int = param(524_288, ge=1)  # global, per optimizer step
+    micro_batch_tokens: int = param(65_536, ge=1)  # per rank, per forward
+    iterations: int = param(20_000, ge=1)
+    max_seconds: float = param(600.0, ge=0)  # wallclock cap on training; 0 = none (schedule keyed to steps)
+    calibration_reserve_s: float = param(0.0, ge=0)  # cap seconds kept for calibration on training data
+    warmup_steps: int = param(20, ge=0)
+    warmdown_frac: float = param(0.5, ge=0, le=1)  # last fraction of the run decays the LR ...
+    lr_floor: float = param(0.0, ge=0, le=1)  # ... never below this fraction of its peak
+    matrix_lr: float = param(0.04, ge=0)
+    embed_lr: float = param(0.05, ge=0)
+    head_lr: float = param(0.008, ge=0)
+    scalar_lr: float = param(0.04, ge=0)
+    adam_beta2: float = param(0.95, gt=0, le=1)
+    muon_momentum: float = param(0.95, ge=0, le=1)
+    muon_momentum_start: float = param(0.85, ge=0, le=1)
+    muon_momentum_warmup_steps: int = param(500, ge=0)
+    muon_wd: float = param(0.0, ge=0)
     muon_row_norm: bool = False  # MuonEq-R
-    ns_steps: int = 5
-    adam_wd: float = 0.0
-    grad_clip: float = 0.0  # 0 = off
-    ema_decay: float = 0.997
+    ns_steps: int = param(5, ge=1)
+    ns_coeffs: str = param("quintic", choices="pgolf.optim:NS_COEFFS")
+    adam_wd: float = param(0.0, ge=0)  # scalars, gates and the untied head
+    embed_wd: float = param(0.0, ge=0)  # embedding tables
+    grad_clip: float = param(0.0, ge=0)  # 0 = off
+    ema_decay: float = param(0.997, ge=0, le=1)
     swa: bool = False
-    swa_threshold: float = 0.2  # average every swa_every steps once the LR scale is below this
-    swa_every: int = 50
-    qat_threshold: float = 0.0  # fake-quantize weights once the LR scale is below this; 0 = off
-    qat_bits: int = 6
+    swa_threshold: float = param(0.2, ge=0, le=1)  # average every swa_every steps once the warmdown factor is below this
+    swa_every: int = param(50, ge=1)
+    qat_threshold: float = param(0.0, ge=0, le=1)  # fake-quantize once the warmdown factor is below this; 0 = off
+    qat_bits: int = param(6, ge=2, le=8)
     compile: bool = True
-    compile_warmup_steps: int = 20
+    compile_warmup_steps: int = param(20, ge=0)
     seed: int = 1337
-    nproc_per_node: str = "gpu"  # gpu = all visible GPUs (1 process without one), or a number
-    log_every: int = 50
-    val_every: int = 0  # periodic val bpb every N steps; 0 = off
-    val_tokens: int = 1_048_576  # cap on tokens for periodic val
-    checkpoint_every_s: float = 120.0  # resumable checkpoint period; 0 = off
+    nproc_per_node: str = param("gpu", pattern=NPROC)
+    log_every: int = param(50, ge=1)
+    val_every: int = param(0, ge=0)  # periodic val bpb every N steps (and at the end); 0 = off
+    val_tokens: int = param(1_048_576, ge=1)  # cap on tokens for periodic val
+    checkpoint_every_s: float = param(120.0, ge=0)  # resumable checkpoint period; 0 = off
 
 
 @dataclass
 class EmaConfig:
-    source: str = "ema"  # ema | swa | raw
-    eval_seq_len: int = 1024
-    eval_batch_seqs: int = 32
+    source: str = param("ema", choices="pgolf.weights:SOURCES")
+    eval_seq_len: int = param(1024, ge=1)
+    eval_batch_seqs: int = param(32, ge=1)
 
 
 @dataclass
 class CalibrateConfig:
-    source: str = "train"  # train | self
-    num_seqs: int = 64
-    seq_len: int = 2048
-    batch_seqs: int = 8
-    temperature: float = 0.8
+    source: str = param("train", choices="pgolf.calibrate:SOURCES")
+    num_seqs: int = param(64, ge=1)
+    seq_len: int = param(2048, ge=1)
+    batch_seqs: int = param(8, ge=1)
+    temperature: float = param(0.8, gt=0)
     seed: int = 0
 
 
@@ -129,79 +162,100 @@ class GroupValues:
 
 @dataclass
 class QuantConfig:
-    method: str = "gptq"  # rtn | clip_search | sdclip | gptq | adaptive_clip
-    bits: GroupValues = field(default_factory=GroupValues)
-    clip_rule: str = "clip_search"  # how gptq picks its per-row scales: rtn | clip_search | sdclip
-    clip_percentiles: list[float] = field(default_factory=lambda: [1.0, 0.999, 0.995, 0.99, 0.98])
-    sdclip_k: GroupValues = field(default_factory=lambda: GroupValues(4.0, 4.0, 6.0, 6.0))
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    block_size: int = 128
+    method: str = param("gptq", choices="pgolf.quant:METHODS")
+    bits: GroupValues = param(factory=GroupValues)
+    clip_rule: str = param("sdclip", choices="pgolf.quant:CLIP_RULES")  # gptq's per-row scales
+    clip_percentiles: list[float] = param(factory=lambda: [1.0, 0.999, 0.995, 0.99, 0.98])
+    sdclip_k: GroupValues = param(factory=lambda: GroupValues(13.0, 12.0, 15.0, 12.85))  # clip = k * std(row)
+    adaptive_alpha: float = param(0.5, ge=0)  # adaptive_clip: how strongly sensitivity tightens the clip
+    damp: float = param(0.01, gt=0)  # fraction of mean(diag H) added to the diagonal
+    block_size: int = param(128, ge=1)
     act_order: bool = True
-    adaptive_alpha: float = 0.5  # adaptive_clip: how strongly sensitivity widens the clip
-    target_bytes: int | None = None  # adaptive_clip / prune: compressed model size to meet
-    prune: bool = False  # selective +-1 pruning down to target_bytes
-    keep_float_numel: int = 65_536  # tensors smaller than this (and all 1-D ones) stay fp16
+    lqer_rank: int = param(0, ge=0)  # low-rank error correction rank; 0 = off
+    lqer_tensors: int = param(3, ge=1)  # ... on this many tensors, those whose weighted error it cuts most
+    target_bytes: int | str | None = param("auto", ge=1, also=("auto",))  # model bytes to fit; auto: the limit
+    target_margin: int = param(2000, ge=0)  # auto: bytes kept under limit - code
+    keep_float_numel: int = param(65_536, ge=1)  # tensors smaller than this (and all 1-D ones) stay fp16
 
 
 @dataclass
 class CompressConfig:
-    codec: str = "auto"  # zstd | brotli | lzma | auto
-    layout: str = "auto"  # int8 | bitpack | auto
+    codec: str = param("auto", choices="pgolf.codecs:CODECS", also=("auto",))
+    layout: str = param("auto", choices="pgolf.pack:LAYOUTS", also=("auto",))
 
 
 @dataclass
 class TTTConfig:
-    enabled: bool = False
-    chunk_tokens: int = 32_768
-    epochs: int = 1
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.002
-    params: str = "all"  # all | norms | mlp
+    chunk_tokens: int = param(32_768, ge=1)  # ttt: targets scored, then adapted on, per chunk
+    epochs: int = param(1, ge=1)
+    optimizer: str = param("sgd", choices="pgolf.ttt:OPTIMIZERS")
+    lr: float = param(0.002, ge=0)
+    momentum: float = param(0.9, ge=0, le=1)
+    cosine: bool = True  # lr follows a cosine over the chunks
+    grad_clip: float = param(1.0, ge=0)  # 0 = off
+    params: str = param("all", choices="pgolf.ttt:PARAM_SETS")
+    last_blocks: int = param(2, ge=1)  # params: last_blocks adapts this many final blocks
+    batch_seqs: int = param(32, ge=1)
+    phases: int = param(3, ge=1)  # phased_ttt: the prefix is scored and adapted on in this many phases
+    prefix_docs: int = param(2000, ge=1)  # phased_ttt: documents in the prefix
 
 
 @dataclass
 class EvalConfig:
-    seq_len: int = 1024
-    stride: int = 0  # sliding window stride; 0 = non-overlapping windows
-    batch_seqs: int = 32
-    temperature: float = 1.0
-    nproc_per_node: str = "gpu"
-    ttt: TTTConfig = field(default_factory=TTTConfig)
+    mode: str = param("sliding", choices="pgolf.evaluate:MODES")
+    seq_len: int = param(1024, ge=1)
+    stride: int = param(0, ge=0)  # sliding window stride; 0 = non-overlapping windows
+    batch_seqs: int = param(32, ge=1)
+    temperature: float = param(1.0, gt=0)
+    nproc_per_node: str = param("gpu", pattern=NPROC)
+    ttt: TTTConfig = param(factory=TTTConfig)
 
 
 @dataclass
 class AuditConfig:
-    limit_bytes: int = 16_000_000
-    train_budget_s: float = 600.0
-    eval_budget_s: float = 600.0
+    limit_bytes: int = param(16_000_000, ge=1)
+    train_budget_s: float = param(600.0, gt=0)
+    eval_budget_s: float = param(600.0, gt=0)
     strict: bool = True
 
 
 @dataclass
-class Params:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ema: EmaConfig = field(default_factory=EmaConfig)
-    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    compress: CompressConfig = field(default_factory=CompressConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
+class ExportConfig:
+    name: str = "pgolf run"
+    author: str = "<your name>"
+    github_id: str = "<your github id>"
 
+
+@dataclass
+class Params:
+    data: DataConfig = param(factory=DataConfig)
+    model: ModelConfig = param(factory=ModelConfig)
+    train: TrainConfig = param(factory=TrainConfig)
+    ema: EmaConfig = param(factory=EmaConfig)
+    calibrate: CalibrateConfig = param(factory=CalibrateConfig)
+    quant: QuantConfig = param(factory=QuantConfig)
+    compress: CompressConfig = param(factory=CompressConfig)
+    eval: EvalConfig = param(factory=EvalConfig)
+    audit: AuditConfig = param(factory=AuditConfig)
+    export: ExportConfig = param(factory=ExportConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, rules: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
+        if isinstance(value, str) and value in rules.get("also", ()):
+            return value
+        (inner,) = [a for a in args if a not in (type(None), str)] or [str]
+        return _coerce(value, inner, where, rules)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise PgolfError(f"{where}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
@@ -210,7 +264,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise PgolfError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, inner, f"{where}[{i}]", {}) for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -225,31 +279,125 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def build(cls: type, raw: dict, where: str = "") -> Any:
     """Make a `cls` from a mapping, naming the closest valid key for an unknown one."""
     prefix = f"{where}." if where else ""
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(names))}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise PgolfError(f"unknown param '{prefix}{key}'; {hint}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in raw.items()})
+    return cls(**{k: _coerce(v, hints[k], f"{prefix}{k}", dict(fields[k].metadata)) for k, v in raw.items()})
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _registry(ref: str):
+    # Looked up by name at load time, not imported at the top: a registry decides whether params are
+    # accepted, never what a stage writes, so it is not a code dependency of every stage.
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _check_field(value: Any, rules: dict, key: str) -> None:
+    if value is None or (isinstance(value, str) and value in rules.get("also", ())):
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PgolfError(f"{key}: {value}; expected a finite number")
+        for rule, ok, text in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
+                               ("le", lambda b: value <= b, "<=")):
+            if rule in rules and not ok(rules[rule]):
+                raise PgolfError(f"{key}: {value}; expected {text} {rules[rule]}")
+    if isinstance(value, str):
+        if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+            raise PgolfError(f"{key}: {value!r}; expected a value matching {rules['pattern']}")
+        if "choices" in rules:
+            registry = _registry(rules["choices"])
+            if value not in registry:
+                valid = [*rules.get("also", ()), *registry]
+                raise PgolfError(f"{key}: {value!r}; expected one of {', '.join(valid)}")
+
+
+def check_fields(obj: Any, where: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Every field's own rule (range, choice, pattern), recursively; `skip` names top-level sections to leave."""
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value, key = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key)
+        else:
+            _check_field(value, dict(f.metadata), key)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise PgolfError(message)
+
+
+def check_combinations(p: Params) -> None:
+    """Rules that tie several params together."""
+    m, t, e, q = p.model, p.train, p.eval, p.quant
+    _require(m.dim % m.heads == 0, f"model.heads: {m.heads} does not divide model.dim {m.dim}")
+    _require(m.heads % m.kv_heads == 0, f"model.kv_heads: {m.kv_heads} does not divide model.heads {m.heads}")
+    head_dim = m.dim // m.heads
+    _require(head_dim % 2 == 0, f"model.dim / model.heads = {head_dim}: RoPE needs an even head dim")
+    _require(m.rope_dims <= head_dim and m.rope_dims % 2 == 0,
+             f"model.rope_dims: {m.rope_dims}; expected an even number <= the head dim {head_dim}")
+    _require(m.vocab_size <= 1 << 16, f"model.vocab_size: {m.vocab_size}; shards hold uint16 ids (<= 65536)")
+    _require(m.xsa_last <= m.layers, f"model.xsa_last: {m.xsa_last} > model.layers {m.layers}")
+    _require(m.ve_last <= m.layers, f"model.ve_last: {m.ve_last} > model.layers {m.layers}")
+    _require(m.bigram_buckets != 1, "model.bigram_buckets: 1; expected 0 (off) or at least 2")
+    _require(m.parallel_from < m.layers, f"model.parallel_from: {m.parallel_from} >= model.layers {m.layers}")
+    _require(not (m.head_gate and m.sparse_gate), "model.head_gate and model.sparse_gate: choose one attention gate")
+    _require(not m.skip_gates or m.unet_skips, "model.skip_gates: true needs model.unet_skips: true")
+    _require(m.gate_window <= m.dim, f"model.gate_window: {m.gate_window} > model.dim {m.dim}")
+    if m.recur_start >= 0 or m.recur_end >= 0:
+        _require(0 <= m.recur_start <= m.recur_end < m.layers,
+                 f"model.recur_start/recur_end: {m.recur_start}..{m.recur_end}; expected 0 <= start <= end < "
+                 f"model.layers {m.layers}, or both -1")
+    _require(t.micro_batch_tokens % t.seq_len == 0,
+             f"train.micro_batch_tokens: {t.micro_batch_tokens} is not a multiple of train.seq_len {t.seq_len}")
+    _require(t.batch_tokens % t.micro_batch_tokens == 0,
+             f"train.batch_tokens: {t.batch_tokens} is not a multiple of train.micro_batch_tokens {t.micro_batch_tokens}")
+    _require(t.max_seconds == 0 or t.calibration_reserve_s < t.max_seconds,
+             f"train.calibration_reserve_s: {t.calibration_reserve_s} leaves no training time under "
+             f"train.max_seconds {t.max_seconds}")
+    _require(e.stride <= e.seq_len, f"eval.stride: {e.stride} > eval.seq_len {e.seq_len}")
+    _require(bool(q.clip_percentiles) and all(0 < c <= 1 for c in q.clip_percentiles),
+             f"quant.clip_percentiles: {q.clip_percentiles}; expected a non-empty list of fractions in (0, 1]")
+    for g in ("attn", "mlp", "embed", "other"):
+        b = getattr(q.bits, g)
+        _require(b == int(b) and 2 <= b <= 8, f"quant.bits.{g}: {b}; expected an integer from 2 to 8")
+        _require(getattr(q.sdclip_k, g) > 0, f"quant.sdclip_k.{g}: {getattr(q.sdclip_k, g)}; expected > 0")
+
+
+def find_key(key: str) -> None:
+    """Refuse a dotted key that names no param, with the closest one (DVC's own error for `-S` gives none)."""
+    cls, where = Params, ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            raise PgolfError(f"unknown param '{key}': '{where}' holds a value, not keys")
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            build(cls, {part: None}, where)  # raises the unknown-param line with the closest key
+        cls, where = typing.get_type_hints(cls)[part], f"{where}.{part}" if where else part
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """Parse and check params.yaml; any problem is one PgolfError line naming the file and the param."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise PgolfError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise PgolfError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise PgolfError(f"{path}: expected a mapping of sections")
     try:
-        return build(Params, raw)
+        params = build(Params, raw)
+        check_fields(params)
+        check_combinations(params)
     except PgolfError as e:
         raise PgolfError(f"{path}: {e}") from None
-
-
-def as_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    return params
