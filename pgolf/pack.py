@@ -1,72 +1,55 @@
 """The model blob: quantized tensors in one compressed, checksummed file, and the way back.
 
-Blob = MAGIC | version u8 | codec u8 | sha256(payload) | compressed(payload)
-payload = u32 header length | header JSON | tensor data
-Header: layout, model config, and per tensor: name, kind (int | float), shape, bits, offsets.
-Layouts: `int8` stores one code per byte, `bitpack` packs (code + qmax) into `bits` bits. fp16 data
-(scales, float tensors) is byte-shuffled: all low bytes, then all high bytes.
+    blob    = MAGIC | version u8 | sha256(header + raw streams) | u32 packed header length | u32 header length
+              | header (lzma) | stream 0 | stream 1 | ...
+    header  = JSON: model meta, streams [name, layout, codec id, raw bytes, packed bytes], and per tensor
+              its shape, bits and the (stream, offset, length) of each part
+
+Like data sits together: one stream of codes per tensor group (attn, mlp, embed, other), one of LQER factor
+codes, one of fp16 data (scales and float tensors, byte-shuffled: all low bytes, then all high bytes). Each
+stream gets its own layout (`int8`: a byte per code; `bitpack`: `bits` bits per code) and codec, chosen by
+compressing a sample with every allowed pair; the streams are compressed in parallel.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import lzma
+import os
 import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import codecs
 from .errors import PgolfError
-from .quant import QuantResult, Quantized, qmax
+from .quant import GROUPS, LowRank, Quantized, QuantResult, group_of
+from .registry import Registry
+from .weights import build_model
 
 MAGIC = b"PGOLFB"
-VERSION = 1
-CODECS = ("zstd", "brotli", "lzma")
-LAYOUTS = ("int8", "bitpack")
+VERSION = 2
+HEAD = struct.Struct("<6sB32sII")  # magic, version, sha256, packed header length, header length
+MAX_HEADER = 16 << 20
+MAX_RAW = 1 << 30  # a blob may declare at most 1 GiB of raw streams (the challenge's are ~30 MB)
+SAMPLE_CHUNKS, SAMPLE_CHUNK = 4, 64 << 10  # what a codec trial compresses of a large stream
+SERIAL_BELOW = 2 << 20  # jobs smaller than this in total run one after another
 
 
-def _zstd_compress(data: bytes) -> bytes:
-    import zstandard
+@dataclass(frozen=True)
+class Layout:
+    pack: Callable[[np.ndarray, int], bytes]  # (int8 codes, bits) -> bytes
+    unpack: Callable[[bytes, int, int], np.ndarray]  # (bytes, bits, count) -> int8 codes
+    size: Callable[[int, int], int]  # (count, bits) -> bytes
 
-    params = zstandard.ZstdCompressionParameters.from_level(22, enable_ldm=True, window_log=27)
-    return zstandard.ZstdCompressor(compression_params=params).compress(data)
-
-
-def _zstd_decompress(data: bytes) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdDecompressor(max_window_size=1 << 27).decompress(data)
-
-
-def _brotli_compress(data: bytes) -> bytes:
-    import brotli
-
-    return brotli.compress(data, quality=11, lgwin=24)
-
-
-def _brotli_decompress(data: bytes) -> bytes:
-    import brotli
-
-    return brotli.decompress(data)
-
-
-COMPRESS: dict[str, Callable[[bytes], bytes]] = {
-    "zstd": _zstd_compress,
-    "brotli": _brotli_compress,
-    "lzma": lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME),
-}
-DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
-    "zstd": _zstd_decompress,
-    "brotli": _brotli_decompress,
-    "lzma": lzma.decompress,
-}
-
-
-# ----------------------------------------------------------------------------- bit packing and shuffling
 
 def pack_bits(codes: np.ndarray, bits: int) -> bytes:
-    """Pack signed codes in [-qmax, qmax] as unsigned `bits`-bit fields, little-endian bit order."""
-    u = (codes.astype(np.int16) + qmax(bits)).astype(np.uint8).reshape(-1)
+    """Signed codes in [-2^(bits-1), 2^(bits-1)) as unsigned `bits`-bit fields, little-endian bit order."""
+    u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(-1)
     bitplanes = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits]
     return np.packbits(bitplanes.reshape(-1), bitorder="little").tobytes()
 
@@ -75,7 +58,14 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[:count * bits]
     fields = np.zeros((count, 8), dtype=np.uint8)
     fields[:, :bits] = flat.reshape(count, bits)
-    return np.packbits(fields, axis=1, bitorder="little").reshape(-1).astype(np.int16) - qmax(bits)
+    return (np.packbits(fields, axis=1, bitorder="little").reshape(-1).astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+LAYOUTS: Registry[Layout] = Registry("compress.layout")
+LAYOUTS.add("int8", Layout(lambda c, b: c.astype(np.int8).tobytes(),
+                           lambda d, b, n: np.frombuffer(d, dtype=np.int8)[:n], lambda n, b: n))
+LAYOUTS.add("bitpack", Layout(pack_bits, unpack_bits, lambda n, b: (n * b + 7) // 8))
+RAW = Layout(lambda c, b: c.tobytes(), lambda d, b, n: np.frombuffer(d, dtype=np.uint8)[:n], lambda n, b: n)
 
 
 def shuffle16(a: np.ndarray) -> bytes:
@@ -88,104 +78,305 @@ def unshuffle16(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(b.T).view("<f2").reshape(-1)
 
 
-# ----------------------------------------------------------------------------- payload
+# ----------------------------------------------------------------------------- streams
 
-def build_payload(result: QuantResult, layout: str, meta: dict) -> bytes:
-    """Codes of every tensor first, then all fp16 data: like data sits together for the compressor."""
-    entries, code_parts, half_parts = [], [], []
-    code_off = half_off = 0
+class _Stream:
+    """Parts appended in order; codes parts are kept as arrays until the layout is chosen."""
 
-    def add_half(arr: np.ndarray) -> tuple[int, int]:
-        nonlocal half_off
-        raw = shuffle16(arr)
-        half_parts.append(raw)
-        half_off += len(raw)
-        return half_off - len(raw), len(raw)
+    def __init__(self, name: str, codes: bool):
+        self.name, self.codes = name, codes
+        self.parts: list[tuple[np.ndarray, int]] = []  # (int8 codes, bits) or (uint8 bytes, 0)
 
+    def add(self, arr: np.ndarray, bits: int = 0) -> int:
+        self.parts.append((arr, bits))
+        return len(self.parts) - 1
+
+    def build(self, layout: Layout) -> tuple[bytes, list[tuple[int, int]]]:
+        chunks, spans, off = [], [], 0
+        for arr, bits in self.parts:
+            raw = layout.pack(arr, bits)
+            chunks.append(raw)
+            spans.append((off, len(raw)))
+            off += len(raw)
+        return b"".join(chunks), spans
+
+
+def _streams(result: QuantResult) -> tuple[dict[str, _Stream], list[dict]]:
+    streams = {f"codes.{g}": _Stream(f"codes.{g}", True) for g in GROUPS}
+    streams["lqer"], streams["fp16"] = _Stream("lqer", True), _Stream("fp16", False)
+
+    def half(arr) -> tuple[str, int]:
+        return "fp16", streams["fp16"].add(np.frombuffer(shuffle16(arr.cpu().float().numpy()), dtype=np.uint8))
+
+    entries = []
     for name in sorted(result.quantized):
         q = result.quantized[name]
-        codes = q.codes.cpu().numpy()
-        raw = codes.astype(np.int8).tobytes() if layout == "int8" else pack_bits(codes, q.bits)
-        code_parts.append(raw)
-        scale_off, scale_len = add_half(q.scale.cpu().numpy())
-        entries.append({"name": name, "kind": "int", "shape": list(codes.shape), "bits": q.bits,
-                        "codes": [code_off, len(raw)], "scale": [scale_off, scale_len]})
-        code_off += len(raw)
+        s = f"codes.{group_of(name)}"
+        e = {"name": name, "kind": "int", "shape": list(q.codes.shape), "bits": q.bits,
+             "codes": (s, streams[s].add(q.codes.cpu().numpy(), q.bits)), "scale": half(q.scale)}
+        if q.lqer is not None:
+            lq = q.lqer
+            e["lqer"] = {"rank": lq.a_codes.size(1), "group": lq.b_codes.numel() // lq.b_scale.numel(),
+                         "a": ("lqer", streams["lqer"].add(lq.a_codes.cpu().numpy(), 2)), "a_scale": half(lq.a_scale),
+                         "b": ("lqer", streams["lqer"].add(lq.b_codes.cpu().numpy(), 4)), "b_scale": half(lq.b_scale)}
+        entries.append(e)
     for name in sorted(result.floats):
         t = result.floats[name]
-        off, n = add_half(t.cpu().float().numpy())
-        entries.append({"name": name, "kind": "float", "shape": list(t.shape), "data": [off, n]})
-    header = json.dumps({"layout": layout, "meta": meta, "codes_bytes": code_off, "tensors": entries},
-                        sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack("<I", len(header)) + header + b"".join(code_parts) + b"".join(half_parts)
+        entries.append({"name": name, "kind": "float", "shape": list(t.shape), "data": half(t)})
+    return {n: s for n, s in streams.items() if s.parts}, entries
 
 
-def parse_payload(payload: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    (hlen,) = struct.unpack_from("<I", payload, 0)
-    header = json.loads(payload[4:4 + hlen])
-    codes_base = 4 + hlen
-    half_base = codes_base + header["codes_bytes"]
-    state = {}
-    for e in header["tensors"]:
-        shape = tuple(e["shape"])
-        count = int(np.prod(shape)) if shape else 1
-        if e["kind"] == "int":
-            off, n = e["codes"]
-            raw = payload[codes_base + off:codes_base + off + n]
-            codes = (np.frombuffer(raw, dtype=np.int8) if header["layout"] == "int8"
-                     else unpack_bits(raw, e["bits"], count)).reshape(shape)
-            soff, sn = e["scale"]
-            scale = unshuffle16(payload[half_base + soff:half_base + soff + sn])
-            q = Quantized(torch.from_numpy(codes.astype(np.int8)), torch.from_numpy(scale.copy()), e["bits"])
-            state[e["name"]] = q.dequantize()
-        else:
-            off, n = e["data"]
-            state[e["name"]] = torch.from_numpy(unshuffle16(payload[half_base + off:half_base + off + n]).astype(np.float32)).reshape(shape)
-    return state, header["meta"]
+def _sample(data: bytes) -> bytes:
+    if len(data) <= SAMPLE_CHUNKS * SAMPLE_CHUNK:
+        return data
+    step = len(data) // SAMPLE_CHUNKS
+    return b"".join(data[i * step:i * step + SAMPLE_CHUNK] for i in range(SAMPLE_CHUNKS))
 
 
-# ----------------------------------------------------------------------------- blob
+def _compress_all(jobs: list[tuple[str, bytes]]) -> list[bytes]:
+    """(codec, data) jobs on threads, largest first: zstd, brotli and lzma release the GIL; ZPAQ holds it but runs
+    ZPAQ_THREADS threads of its own."""
+    if sum(len(d) for _, d in jobs) < SERIAL_BELOW:
+        return [codecs.compress(*j) for j in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        done = dict(zip(order, pool.map(lambda i: codecs.compress(*jobs[i]), order)))
+    return [done[i] for i in range(len(jobs))]
 
-def encode(payload: bytes, codec: str) -> bytes:
-    return MAGIC + bytes([VERSION, CODECS.index(codec)]) + hashlib.sha256(payload).digest() + COMPRESS[codec](payload)
+
+def _allowed(value: str, registry: Registry, key: str) -> list[str]:
+    if value == "auto":
+        return list(registry)
+    registry.lookup(value, key)
+    return [value]
 
 
-def pack(result: QuantResult, meta: dict, codec: str = "auto", layout: str = "auto") -> tuple[bytes, dict[str, int]]:
-    """The smallest blob over the allowed codecs and layouts; also returns every candidate's size."""
-    codecs = CODECS if codec == "auto" else (codec,)
-    layouts = LAYOUTS if layout == "auto" else (layout,)
-    for value, allowed, key in ((codec, CODECS, "compress.codec"), (layout, LAYOUTS, "compress.layout")):
-        if value != "auto" and value not in allowed:
-            raise PgolfError(f"{key}: {value!r}; expected auto or one of {', '.join(allowed)}")
-    best, sizes = None, {}
-    for lay in layouts:
-        payload = build_payload(result, lay, meta)
-        for c in codecs:
-            blob = encode(payload, c)
-            sizes[f"{c}_{lay}"] = len(blob)
-            if best is None or len(blob) < len(best):
-                best = blob
-    return best, sizes
+def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
+                 names: set[str] | None = None) -> dict[str, dict]:
+    """Per stream (or those in `names`), the (layout, codec) pair that compresses a sample of it smallest, and each
+    pair's size extrapolated from the sample."""
+    streams, _ = _streams(result)
+    streams = {n: s for n, s in streams.items() if names is None or n in names}
+    codec_names = _allowed(codec, codecs.CODECS, "compress.codec")
+    layout_names = _allowed(layout, LAYOUTS, "compress.layout")
+    trials = []  # (stream, layout, codec, raw size, sample)
+    for s in streams.values():
+        for lay in (layout_names if s.codes else ["raw"]):
+            raw, _ = s.build(LAYOUTS[lay] if lay != "raw" else RAW)
+            trials += [(s.name, lay, c, len(raw), _sample(raw)) for c in codec_names]
+    sizes = _compress_all([(c, sample) for _, _, c, _, sample in trials])
+    plan: dict[str, dict] = {}
+    for (name, lay, c, n, sample), packed in zip(trials, sizes):
+        estimate = round(len(packed) * n / max(len(sample), 1))
+        entry = plan.setdefault(name, {"trials": {}})
+        entry["trials"][f"{c}_{lay}"] = estimate
+        if "codec" not in entry or estimate < entry["estimate"]:
+            entry.update(codec=c, layout=lay, estimate=estimate)
+    return plan
 
+
+def _layouts(result: QuantResult, plan: dict[str, dict]) -> tuple[list[str], dict, dict, list[dict]]:
+    """Each stream's bytes in its planned layout, the parts' spans, and the tensor entries pointing at them."""
+    streams, entries = _streams(result)
+    if set(streams) - set(plan):
+        raise PgolfError(f"no codec plan for stream(s) {sorted(set(streams) - set(plan))}")
+    raws, spans = {}, {}
+    for name, s in streams.items():
+        lay = plan[name]["layout"]
+        raws[name], spans[name] = s.build(LAYOUTS[lay] if lay != "raw" else RAW)
+    order = sorted(streams)
+
+    def ref(part):  # (stream, part index) -> [stream index, offset, length]
+        name, i = part
+        return [order.index(name), *spans[name][i]]
+
+    for e in entries:
+        for key in ("codes", "scale", "data"):
+            if key in e:
+                e[key] = ref(e[key])
+        if "lqer" in e:
+            e["lqer"] = {k: ref(v) if isinstance(v, tuple) else v for k, v in e["lqer"].items()}
+    return order, raws, spans, entries
+
+
+def _header(meta: dict, plan: dict, order: list[str], raws: dict, packed: list[int], entries: list[dict]) -> bytes:
+    return json.dumps({"meta": meta, "streams": [[n, plan[n]["layout"], codecs.CODECS[plan[n]["codec"]].id,
+                                                  len(raws[n]), p] for n, p in zip(order, packed)],
+                       "tensors": entries}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _pack_header(header: bytes) -> bytes:
+    return lzma.compress(header, preset=9 | lzma.PRESET_EXTREME)
+
+
+def pack(result: QuantResult, meta: dict, plan: dict[str, dict]) -> tuple[bytes, dict[str, dict]]:
+    """The blob for `result`, each stream with the layout and codec `plan` names; also a report per stream
+    (raw, order-0 entropy and packed bytes)."""
+    order, raws, _, entries = _layouts(result, plan)
+    packed = _compress_all([(plan[n]["codec"], raws[n]) for n in order])
+    header = _header(meta, plan, order, raws, [len(p) for p in packed], entries)
+    digest = hashlib.sha256(header + b"".join(raws[n] for n in order)).digest()
+    packed_header = _pack_header(header)
+    blob = HEAD.pack(MAGIC, VERSION, digest, len(packed_header), len(header)) + packed_header + b"".join(packed)
+    report = {n: {"layout": plan[n]["layout"], "codec": plan[n]["codec"], "raw": len(raws[n]),
+                  "entropy": round(codecs.entropy_bytes(raws[n])), "packed": len(p)} for n, p in zip(order, packed)}
+    return blob, report
+
+
+def header_bytes(result: QuantResult, meta: dict, plan: dict[str, dict]) -> int:
+    """What the blob's fixed head and packed header take, with the plan's estimates as the streams' sizes."""
+    order, raws, _, entries = _layouts(result, plan)
+    return HEAD.size + len(_pack_header(_header(meta, plan, order, raws, [plan[n]["estimate"] for n in order], entries)))
+
+
+# ----------------------------------------------------------------------------- reading
 
 def unpack(blob: bytes, where: str = "blob") -> tuple[dict[str, torch.Tensor], dict]:
-    """Blob -> dequantized fp32 state dict and meta; the only way eval reads a model."""
-    head = len(MAGIC) + 2 + 32
-    if len(blob) < head or blob[:len(MAGIC)] != MAGIC:
+    """Blob -> dequantized fp32 state dict and meta; the only way eval reads a model. Every size the blob
+    declares is checked against the bytes present before anything is allocated for it."""
+    if len(blob) < HEAD.size or blob[:len(MAGIC)] != MAGIC:
         raise PgolfError(f"{where}: not a pgolf model blob (bad magic)")
-    version, codec_id = blob[len(MAGIC)], blob[len(MAGIC) + 1]
+    magic, version, digest, hpacked, hlen = HEAD.unpack_from(blob)
     if version != VERSION:
-        raise PgolfError(f"{where}: blob format version {version}, expected {VERSION}")
-    if codec_id >= len(CODECS):
-        raise PgolfError(f"{where}: unknown codec id {codec_id}")
-    digest = blob[len(MAGIC) + 2:head]
+        raise PgolfError(f"{where}: blob format version {version}, expected {VERSION} (rerun compress)")
+    if hlen > MAX_HEADER or HEAD.size + hpacked > len(blob):
+        raise PgolfError(f"{where}: corrupted or truncated blob (header sizes out of range)")
     try:
-        payload = DECOMPRESS[CODECS[codec_id]](blob[head:])
-    except Exception as e:  # each codec raises its own error type on damaged input
-        raise PgolfError(f"{where}: corrupted or truncated blob ({CODECS[codec_id]}: {type(e).__name__})") from None
-    if hashlib.sha256(payload).digest() != digest:
+        header_raw = codecs.decompress(codecs.CODECS["lzma"].id, blob[HEAD.size:HEAD.size + hpacked], hlen, where)
+        header = json.loads(header_raw)
+        streams = [(str(n), str(lay), int(c), int(raw), int(p)) for n, lay, c, raw, p in header["streams"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PgolfError(f"{where}: malformed blob header ({type(e).__name__})") from None
+    if sum(s[3] for s in streams) > MAX_RAW:
+        raise PgolfError(f"{where}: declares {sum(s[3] for s in streams):,} raw bytes, more than a blob may hold ({MAX_RAW:,})")
+    if HEAD.size + hpacked + sum(s[4] for s in streams) != len(blob):
+        raise PgolfError(f"{where}: corrupted or truncated blob (stream sizes do not add up to its {len(blob):,} bytes)")
+    raws, off = [], HEAD.size + hpacked
+    for name, lay, codec_id, raw, packed in streams:
+        raws.append(codecs.decompress(codec_id, blob[off:off + packed], raw, where))
+        off += packed
+    if hashlib.sha256(header_raw + b"".join(raws)).digest() != digest:
         raise PgolfError(f"{where}: corrupted blob (payload sha256 mismatch)")
     try:
-        return parse_payload(payload)
-    except (ValueError, KeyError, struct.error, json.JSONDecodeError) as e:
+        return _tensors(header["tensors"], streams, raws, where), header["meta"]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise PgolfError(f"{where}: malformed blob header ({type(e).__name__})") from None
+
+
+def load_model(path: Path, device: torch.device | str = "cpu", expected_sha256: str | None = None):
+    """The GPT a blob holds, after checking it is the blob compress recorded."""
+    blob = path.read_bytes() if path.is_file() else b""
+    if not blob:
+        raise PgolfError(f"{path}: missing or empty (run the compress stage)")
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != expected_sha256:
+            raise PgolfError(f"{path}: sha256 {actual[:12]}... differs from {expected_sha256[:12]}... recorded by compress")
+    state, meta = unpack(blob, str(path))
+    return build_model(meta, state, device, str(path))
+
+
+def _part(ref: list, streams: list, raws: list[bytes], count: int, bits: int, where: str,
+          layout: str | None = None) -> np.ndarray:
+    """The `count` values a part holds, after checking its span lies in its stream and fits `count`."""
+    i, off, n = (int(x) for x in ref)
+    lay = RAW if (layout or streams[i][1]) == "raw" else LAYOUTS[layout or streams[i][1]]
+    if not (0 <= off and off + n <= len(raws[i])) or n != lay.size(count, bits):
+        raise PgolfError(f"{where}: malformed blob (a tensor part does not match its declared shape)")
+    return lay.unpack(raws[i][off:off + n], bits, count)
+
+
+def _count(shape: list, where: str) -> int:
+    if not all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape):
+        raise PgolfError(f"{where}: malformed blob (bad tensor shape {shape})")
+    return int(np.prod(shape)) if shape else 1
+
+
+def _halves(ref: list, streams, raws, count: int, where: str) -> torch.Tensor:
+    data = _part(ref, streams, raws, 2 * count, 0, where, "raw")
+    return torch.from_numpy(unshuffle16(data.tobytes()).copy())
+
+
+def _tensors(entries: list[dict], streams: list, raws: list[bytes], where: str) -> dict[str, torch.Tensor]:
+    state = {}
+    for e in entries:
+        shape = e["shape"]
+        count = _count(shape, where)
+        if e["kind"] == "int":
+            rows = shape[0]
+            codes = _part(e["codes"], streams, raws, count, e["bits"], where).reshape(shape)
+            q = Quantized(torch.from_numpy(codes.copy()), _halves(e["scale"], streams, raws, rows, where), e["bits"])
+            if "lqer" in e:
+                lq, r = e["lqer"], int(e["lqer"]["rank"])
+                b_count = _count([r, shape[1]], where)
+                q.lqer = LowRank(torch.from_numpy(_part(lq["a"], streams, raws, rows * r, 2, where).reshape(rows, r).copy()),
+                                 _halves(lq["a_scale"], streams, raws, 1, where),
+                                 torch.from_numpy(_part(lq["b"], streams, raws, b_count, 4, where).reshape(r, shape[1]).copy()),
+                                 _halves(lq["b_scale"], streams, raws, b_count // int(lq["group"]), where))
+            state[e["name"]] = q.dequantize()
+        else:
+            state[e["name"]] = _halves(e["data"], streams, raws, count, where).float().reshape(shape)
+    return state
+
+
+# ----------------------------------------------------------------------------- sizing for quantize
+
+class Sizer:
+    """The compressed size of a QuantResult: exact (the blob compress will write, with a codec plan made on the
+    first call), or estimated from the order-0 entropy of each group's codes, scaled by the packed/entropy
+    ratio measured at the last calibration."""
+
+    def __init__(self, meta: dict, codec: str, layout: str):
+        self.meta, self.codec, self.layout = meta, codec, layout
+        self.plan: dict | None = None
+        self.report: dict = {}
+        self.seconds = {"plan": 0.0, "pack": 0.0}  # where the exact sizes' time went
+        self.ratio: dict[str, float] = {}
+        self.fixed = 0.0  # bytes the estimate holds constant: header, fp16 and LQER streams
+
+    def exact(self, result: QuantResult) -> int:
+        t0 = time.perf_counter()
+        if self.plan is None:
+            self.plan = plan_streams(result, self.codec, self.layout)
+        missing = set(_streams(result)[0]) - set(self.plan)  # LQER's stream appears once the factors are added
+        if missing:
+            self.plan |= plan_streams(result, self.codec, self.layout, missing)
+        t1 = time.perf_counter()
+        blob, self.report = pack(result, self.meta, self.plan)
+        self.seconds["plan"] += t1 - t0
+        self.seconds["pack"] += time.perf_counter() - t1
+        return len(blob)
+
+    def prepare(self, result: QuantResult) -> None:
+        """Make the codec plan and a first calibration from its sample trials (no whole blob compressed)."""
+        t0 = time.perf_counter()
+        self.plan = plan_streams(result, self.codec, self.layout)
+        self.seconds["plan"] += time.perf_counter() - t0
+        entropy = group_entropy(result)
+        self.ratio = {g: self.plan[f"codes.{g}"]["estimate"] / max(h, 1e-9) for g, h in entropy.items()}
+        self.fixed = header_bytes(result, self.meta, self.plan) + sum(e["estimate"] for n, e in self.plan.items()
+                                                                      if not n.startswith("codes."))
+
+    def calibrate(self, result: QuantResult, size: int) -> None:
+        """Measure the ratios at `result`, whose exact size was the last one computed."""
+        entropy = group_entropy(result)
+        self.ratio = {g: self.report[f"codes.{g}"]["packed"] / max(h, 1e-9) for g, h in entropy.items()}
+        self.fixed = size - sum(self.report[f"codes.{g}"]["packed"] for g in entropy)
+
+    def estimate(self, result: QuantResult) -> float:
+        return self.fixed + sum(self.ratio[g] * h for g, h in group_entropy(result).items())
+
+
+def group_entropy(result: QuantResult) -> dict[str, float]:
+    """Order-0 entropy in bytes of each group's codes (histograms on the codes' device)."""
+    hist: dict[str, torch.Tensor] = {}
+    for name, q in result.quantized.items():
+        h = torch.bincount(q.codes.reshape(-1).int() + 128, minlength=256).double()
+        g = group_of(name)
+        hist[g] = hist[g] + h if g in hist else h
+    out = {}
+    for g, h in hist.items():
+        n = h.sum()
+        p = h[h > 0] / n
+        out[g] = float(-(p * p.log2()).sum() * n / 8)
+    return out

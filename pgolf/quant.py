@@ -1,28 +1,31 @@
-"""Post-training quantization: symmetric int-k per-row codes, the seeds' clip rules and GPTQ.
+"""Post-training quantization: symmetric int-k per-row codes, the records' clip rules, GPTQ, LQER, and
+fitting the compressed model to a byte target.
 
-A method maps (weight, bits, Hessian or None) to a `Quantized`; adding one is adding a function.
+Rate and distortion meet in the clip. A row's scale is clip / qmax; a wider clip puts the bulk of the
+weights on fewer codes (fewer bytes after entropy coding) at the cost of coarser steps. SDClip sets
+clip = k * std(row) with no cap at the row's absmax, so k is a rate knob; GPTQ spends the rounding error
+where the Hessian says it costs least; adaptive clip (parameter-golf PR #1962) gives each tensor its own k from
+its sensitivity; LQER adds a quantized low-rank correction of the error where it cuts the loss most.
 """
 
 import math
+import time
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .checkpoint import load_tensors, save_tensors
 from .config import QuantConfig
 from .errors import PgolfError
+from .registry import Registry
 
 GROUPS = ("attn", "mlp", "embed", "other")
-
-
-@dataclass
-class Quantized:
-    codes: torch.Tensor  # int8 (rows, cols), in [-qmax, qmax]
-    scale: torch.Tensor  # fp16 (rows,)
-    bits: int
-
-    def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scale.float()[:, None]
+OFFSET_RANGE = (0.0, 2.0)  # log2 clip multiplier searched to meet a byte target: the configured clip .. 4x
+ADAPTIVE_OFFSET_RANGE = (-1.0, 2.0)  # adaptive clip recenters on the budget both ways
+LQER_GROUP = 64  # B's quantization group (records: int4 per 64 values)
 
 
 def qmax(bits: int) -> int:
@@ -39,12 +42,51 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def round_rows(W: torch.Tensor, clip: torch.Tensor, bits: int) -> Quantized:
+@dataclass
+class LowRank:
+    """A quantized rank-r correction A @ B (records' asymmetric LQER): A int2 with one scale, B int4 per group."""
+    a_codes: torch.Tensor  # int8 (rows, r) in [-2, 1]
+    a_scale: torch.Tensor  # fp16 (1,)
+    b_codes: torch.Tensor  # int8 (r, cols) in [-8, 7]
+    b_scale: torch.Tensor  # fp16 (r * cols / group,)
+
+    def matrix(self) -> torch.Tensor:
+        a = self.a_codes.float() * self.a_scale.float()
+        g = self.b_codes.numel() // self.b_scale.numel()
+        b = (self.b_codes.float().reshape(-1, g) * self.b_scale.float()[:, None]).reshape(self.b_codes.shape)
+        return a @ b
+
+
+@dataclass
+class Quantized:
+    codes: torch.Tensor  # int8 (rows, cols), in [-qmax, qmax]
+    scale: torch.Tensor  # fp16 (rows,)
+    bits: int
+    k: float | None = None  # the clip multiplier used, where the rule has one
+    lqer: LowRank | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        W = self.codes.float() * self.scale.float()[:, None]
+        return W + self.lqer.matrix().to(W.device) if self.lqer is not None else W
+
+
+@dataclass
+class QuantResult:
+    quantized: dict[str, Quantized]
+    floats: dict[str, torch.Tensor]  # kept in fp16
+    errors: dict[str, dict] = field(default_factory=dict)  # name -> {group, error, norm, weighted}
+
+    def dequantized(self) -> dict[str, torch.Tensor]:
+        return {**{n: q.dequantize() for n, q in self.quantized.items()},
+                **{n: t.float() for n, t in self.floats.items()}}
+
+
+def round_rows(W: torch.Tensor, clip: torch.Tensor, bits: int, k: float | None = None) -> Quantized:
     """Round each row to int-k with scale = clip / qmax (the fp16 scale is the one used)."""
     q = qmax(bits)
     scale = (clip / q).clamp_min(1e-8).half()
     codes = torch.clamp(torch.round(W / scale.float()[:, None]), -q, q).to(torch.int8)
-    return Quantized(codes, scale, bits)
+    return Quantized(codes, scale, bits, k)
 
 
 def weighted_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None = None) -> float:
@@ -55,12 +97,17 @@ def weighted_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None = N
 
 # ----------------------------------------------------------------------------- clip rules: W -> per-row clip
 
-def clip_absmax(W: torch.Tensor, bits: int, cfg: QuantConfig, group: str) -> torch.Tensor:
+CLIP_RULES: Registry = Registry("quant.clip_rule")  # (W, bits, k, cfg) -> per-row clip
+
+
+@CLIP_RULES.register("rtn")
+def clip_absmax(W: torch.Tensor, bits: int, k: float, cfg: QuantConfig) -> torch.Tensor:
     return W.abs().amax(dim=1)
 
 
-def clip_search(W: torch.Tensor, bits: int, cfg: QuantConfig, group: str) -> torch.Tensor:
-    """GPTQ-lite: per row, the percentile of |w| whose rounding leaves the least squared error."""
+@CLIP_RULES.register("clip_search")
+def clip_search(W: torch.Tensor, bits: int, k: float, cfg: QuantConfig) -> torch.Tensor:
+    """GPTQ-lite (parameter-golf PR #379): per row, the percentile of |w| whose rounding leaves the least squared error."""
     A = W.abs()
     best_clip, best_err = None, None
     for p in cfg.clip_percentiles:
@@ -74,76 +121,163 @@ def clip_search(W: torch.Tensor, bits: int, cfg: QuantConfig, group: str) -> tor
     return best_clip
 
 
-def clip_sdclip(W: torch.Tensor, bits: int, cfg: QuantConfig, group: str) -> torch.Tensor:
-    """clip = k · std(row), k per tensor group, never beyond the row's absmax."""
-    k = getattr(cfg.sdclip_k, group)
-    return torch.minimum(k * W.std(dim=1), W.abs().amax(dim=1))
-
-
-CLIP_RULES: dict[str, Callable] = {"rtn": clip_absmax, "clip_search": clip_search, "sdclip": clip_sdclip}
+@CLIP_RULES.register("sdclip")
+def clip_sdclip(W: torch.Tensor, bits: int, k: float, cfg: QuantConfig) -> torch.Tensor:
+    """SDClip: clip = k · std(row), not capped at the row's absmax; codes beyond it clamp to ±qmax."""
+    return k * W.std(dim=1)
 
 
 # ----------------------------------------------------------------------------- GPTQ
 
-def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, clip: torch.Tensor, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = True) -> Quantized:
-    """Full-Hessian GPTQ with fixed per-row scales: quantize column by column, pushing each column's
-    error onto the columns not yet quantized through the Cholesky factor of H⁻¹ (lazy block updates)."""
-    W = W.clone().float()
-    H = H.clone().float()
-    cols = W.size(1)
+@dataclass
+class PreparedHessian:
+    perm: torch.Tensor  # column order (act order: largest diag(H) first)
+    dead: torch.Tensor  # columns no input ever reached
+    hinv: torch.Tensor  # upper Cholesky factor of H⁻¹, permuted and damped
+
+
+def prepare_hessian(H: torch.Tensor, damp: float, act_order: bool, where: str) -> PreparedHessian:
+    H = H.float().clone()
+    if not torch.isfinite(H).all():
+        raise PgolfError(f"Hessian for {where} is not finite (damaged calibration file? rerun calibrate)")
+    cols = H.size(0)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=H.device)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except torch.linalg.LinAlgError:
-        raise PgolfError(f"Hessian is not positive definite even with damping {damp}; raise quant.damp") from None
-    q = qmax(bits)
-    scale = (clip / q).clamp_min(1e-8).half().float()
-    codes = torch.zeros_like(W, dtype=torch.int8)
+        raise PgolfError(f"Hessian for {where} is not positive definite even with damping {damp}; "
+                         f"raise quant.damp") from None
+    return PreparedHessian(perm, dead, hinv)
+
+
+def gptq_batch(W: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, qm: torch.Tensor,
+               block_size: int) -> torch.Tensor:
+    """GPTQ of a batch (T, rows, cols) with fixed per-row scales and code limits (T, rows): quantize column by
+    column, pushing each column's error onto the columns not yet quantized through the Cholesky factor of H⁻¹
+    (lazy block updates). W and hinv are already in act order; returns int8 codes in that order."""
+    W = W.clone()
+    cols = W.size(2)
+    codes = torch.empty_like(W, dtype=torch.int8)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        W1 = W[:, :, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        h1 = hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w = W1[:, i]
-            c = torch.clamp(torch.round(w / scale), -q, q)
-            codes[:, i1 + i] = c.to(torch.int8)
-            err = (w - c * scale) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    inverse = torch.argsort(perm)
-    return Quantized(codes[:, inverse].contiguous(), scale.half(), bits)
+            w = W1[:, :, i]
+            c = torch.minimum(torch.maximum(torch.round(w / scale), -qm), qm)
+            codes[:, :, i1 + i] = c.to(torch.int8)
+            err = (w - c * scale) / h1[:, i, i].unsqueeze(1)
+            W1[:, :, i:] -= err.unsqueeze(2) * h1[:, i, i:].unsqueeze(1)
+            err1[:, :, i] = err
+        W[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
+    return codes
 
 
-# ----------------------------------------------------------------------------- whole models
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, clip: torch.Tensor, damp: float = 0.01,
+         block_size: int = 128, act_order: bool = True) -> Quantized:
+    """GPTQ of one matrix (the batched path with a batch of one)."""
+    return gptq_many([W], [prepare_hessian(H, damp, act_order, "W")], [clip], [bits], block_size)[0]
+
+
+def gptq_many(Ws: list[torch.Tensor], prepared: list[PreparedHessian], clips: list[torch.Tensor],
+              bits: list[int], block_size: int, ks: list[float | None] | None = None) -> list[Quantized]:
+    """GPTQ of many matrices. GPTQ treats rows independently given H, so matrices sharing a Hessian (q, k, v)
+    are stacked into one; stacked matrices of the same shape then run as one batch."""
+    ks = ks or [None] * len(Ws)
+    sharing: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prepared):
+        sharing[id(p)].append(i)
+    by_shape: dict[tuple, list] = defaultdict(list)
+    for idx in sharing.values():
+        p = prepared[idx[0]]
+        W = torch.cat([Ws[i].float() for i in idx])[:, p.perm]
+        W[:, p.dead[p.perm]] = 0
+        scale = torch.cat([(clips[i] / qmax(bits[i])).clamp_min(1e-8).half().float() for i in idx])
+        qm = torch.cat([torch.full((Ws[i].size(0),), float(qmax(bits[i])), device=W.device) for i in idx])
+        by_shape[tuple(W.shape)].append((idx, W, p, scale, qm))
+    out: list[Quantized] = [None] * len(Ws)  # type: ignore[list-item]
+    for batch in by_shape.values():
+        codes = gptq_batch(*(torch.stack(x) for x in zip(*[(W, p.hinv, s, q) for _, W, p, s, q in batch])),
+                           block_size)
+        for c, (idx, _, p, scale, _) in zip(codes, batch):
+            c = c[:, torch.argsort(p.perm)]
+            start = 0
+            for i in idx:
+                n = Ws[i].size(0)
+                out[i] = Quantized(c[start:start + n].contiguous(), scale[start:start + n].half(), bits[i], ks[i])
+                start += n
+    return out
+
+
+# ----------------------------------------------------------------------------- one model's quantization problem
 
 @dataclass
-class QuantResult:
-    quantized: dict[str, Quantized]
-    floats: dict[str, torch.Tensor]  # kept in fp16
-    errors: dict[str, dict]  # name -> {group, error, norm, weighted}
+class Tensor:
+    name: str
+    W: torch.Tensor  # fp32
+    group: str
+    bits: int
+    H: torch.Tensor | None  # its input Hessian, if calibration saw its input
+    hessian: PreparedHessian | None
 
-    def dequantized(self) -> dict[str, torch.Tensor]:
-        return {**{n: q.dequantize() for n, q in self.quantized.items()},
-                **{n: t.float() for n, t in self.floats.items()}}
 
+class Problem:
+    """A model's weights and Hessians, prepared once (Cholesky factors, H^(1/2) for LQER) so that the byte-target
+    search can quantize it at many clip offsets."""
 
-def check_bits(cfg: QuantConfig) -> dict[str, int]:
-    bits = {}
-    for g in GROUPS:
-        b = getattr(cfg.bits, g)
-        if b != int(b) or not 2 <= b <= 8:
-            raise PgolfError(f"quant.bits.{g}: {b}; expected an integer from 2 to 8")
-        bits[g] = int(b)
-    return bits
+    def __init__(self, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
+                 cfg: QuantConfig):
+        self.cfg = cfg
+        big = [n for n, t in state.items() if t.ndim == 2 and t.numel() >= cfg.keep_float_numel]
+        self.floats = {n: t.half() for n, t in state.items() if n not in big}
+        prepared: dict[str, PreparedHessian] = {}
+        self.tensors: list[Tensor] = []
+        for name in big:
+            W = state[name].float()
+            H = hessian_for(name, hessians, shared, W.size(1))
+            p = None
+            if H is not None:
+                key = shared[name]
+                if key not in prepared:
+                    prepared[key] = prepare_hessian(H, cfg.damp, cfg.act_order, name)
+                p = prepared[key]
+            group = group_of(name)
+            self.tensors.append(Tensor(name, W, group, int(getattr(cfg.bits, group)), H, p))
+        self._sqrt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def group_k(self, t: Tensor) -> float:
+        return float(getattr(self.cfg.sdclip_k, t.group))
+
+    def quantize(self, offset: float = 0.0, final: bool = True) -> QuantResult:
+        """Every large 2-D tensor by the configured method with its clips widened by 2**offset; `final` adds LQER
+        and the errors (a size search needs only the codes: LQER does not change them)."""
+        quantized = METHODS[self.cfg.method](self, offset)
+        result = QuantResult(quantized, dict(self.floats))
+        if not final:
+            return result
+        if self.cfg.lqer_rank:
+            add_lqer(self, quantized)
+        for t in self.tensors:
+            Wq = quantized[t.name].dequantize()
+            result.errors[t.name] = {"group": t.group, "bits": t.bits, "error": weighted_error(t.W, Wq, t.H),
+                                     "norm": weighted_error(t.W, torch.zeros_like(t.W), t.H), "weighted": t.H is not None}
+        return result
+
+    def sqrt_hessian(self, t: Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """H^(1/2) and H^(-1/2) (damped like GPTQ's), for the H-weighted low-rank fit."""
+        key = id(t.hessian)
+        if key not in self._sqrt:
+            H = t.H.float()
+            evals, evecs = torch.linalg.eigh(H + self.cfg.damp * H.diagonal().mean() * torch.eye(H.size(0), device=H.device))
+            root = evals.clamp_min(1e-12).sqrt()
+            self._sqrt[key] = ((evecs * root) @ evecs.T, (evecs / root) @ evecs.T)
+        return self._sqrt[key]
 
 
 def hessian_for(name: str, hessians: dict[str, torch.Tensor], shared: dict[str, str], cols: int) -> torch.Tensor | None:
@@ -157,74 +291,122 @@ def hessian_for(name: str, hessians: dict[str, torch.Tensor], shared: dict[str, 
     return H
 
 
-def adaptive_multipliers(state: dict[str, torch.Tensor], names: list[str], hessians, shared, cfg: QuantConfig) -> dict[str, float]:
-    """Seed 002: per-tensor clip multiplier k_t = k_group · (1 + α·z_t), z_t the standardized log of
-    sensitivity mean(diag H) × mean(row variance); more sensitive tensors get a wider clip."""
-    logs = {}
-    for n in names:
-        W = state[n].float()
-        H = hessian_for(n, hessians, shared, W.size(1))
-        hdiag = float(torch.diag(H).mean()) if H is not None else 1.0
-        logs[n] = math.log(max(hdiag * float(W.var(dim=1).mean()), 1e-30))
+def quantize_with(problem: Problem, rule: str, ks: dict[str, float], offset: float, use_gptq: bool) -> dict[str, Quantized]:
+    """Clips from `rule` at each tensor's k, widened by 2**offset; GPTQ where a Hessian exists and asked for,
+    round-to-nearest elsewhere."""
+    cfg, scale = problem.cfg, 2.0 ** offset
+    clips = {t.name: CLIP_RULES[rule](t.W, t.bits, ks[t.name], cfg) * scale for t in problem.tensors}
+    k_used = {t.name: ks[t.name] * scale if rule == "sdclip" else None for t in problem.tensors}
+    out = {t.name: round_rows(t.W, clips[t.name], t.bits, k_used[t.name])
+           for t in problem.tensors if not (use_gptq and t.hessian is not None)}
+    todo = [t for t in problem.tensors if use_gptq and t.hessian is not None]
+    if todo:
+        done = gptq_many([t.W for t in todo], [t.hessian for t in todo], [clips[t.name] for t in todo],
+                         [t.bits for t in todo], cfg.block_size, [k_used[t.name] for t in todo])
+        out |= {t.name: q for t, q in zip(todo, done)}
+    return out
+
+
+def group_ks(problem: Problem) -> dict[str, float]:
+    return {t.name: problem.group_k(t) for t in problem.tensors}
+
+
+METHODS: Registry = Registry("quant.method")  # (problem, offset) -> {name: Quantized}
+
+
+@METHODS.register("rtn")
+def rtn(problem: Problem, offset: float) -> dict[str, Quantized]:
+    """Round to nearest with the row's absmax as its clip."""
+    return quantize_with(problem, "rtn", group_ks(problem), offset, use_gptq=False)
+
+
+@METHODS.register("clip_search")
+def clip_search_rtn(problem: Problem, offset: float) -> dict[str, Quantized]:
+    return quantize_with(problem, "clip_search", group_ks(problem), offset, use_gptq=False)
+
+
+@METHODS.register("sdclip")
+def sdclip_rtn(problem: Problem, offset: float) -> dict[str, Quantized]:
+    return quantize_with(problem, "sdclip", group_ks(problem), offset, use_gptq=False)
+
+
+@METHODS.register("gptq")
+def gptq_method(problem: Problem, offset: float) -> dict[str, Quantized]:
+    """Full-Hessian GPTQ with per-row scales from quant.clip_rule."""
+    return quantize_with(problem, problem.cfg.clip_rule, group_ks(problem), offset, use_gptq=True)
+
+
+@METHODS.register("adaptive_clip")
+def adaptive_clip(problem: Problem, offset: float) -> dict[str, Quantized]:
+    """GPTQ with SDClip scales whose k is set per tensor from its sensitivity (PR #1962)."""
+    return quantize_with(problem, "sdclip", adaptive_ks(problem), offset, use_gptq=True)
+
+
+def adaptive_ks(problem: Problem) -> dict[str, float]:
+    """Adaptive Hessian-sensitivity clip (PR #1962): sensitivity s_t = mean(diag H_t) · mean(row variance of W_t); with z_t its standardized log over
+    the tensors that have a Hessian, k_t = k_group · 2^(−α z_t): tensors that need precision get a tighter clip."""
+    logs = {t.name: math.log(max(float(t.H.diagonal().mean()) * float(t.W.var(dim=1).mean()), 1e-30))
+            for t in problem.tensors if t.H is not None}
+    ks = group_ks(problem)
+    if len(logs) < 2:
+        return ks
     vals = torch.tensor(list(logs.values()), dtype=torch.float64)
-    mu, sd = float(vals.mean()), float(vals.std()) if len(vals) > 1 else 1.0
-    return {n: getattr(cfg.sdclip_k, group_of(n)) * max(0.25, 1 + cfg.adaptive_alpha * (v - mu) / max(sd, 1e-9))
-            for n, v in logs.items()}
+    mu, sd = float(vals.mean()), max(float(vals.std()), 1e-9)
+    return {n: k * 2.0 ** (-problem.cfg.adaptive_alpha * (logs[n] - mu) / sd) if n in logs else k for n, k in ks.items()}
 
 
-def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
-                   cfg: QuantConfig, clip_offset: float = 0.0, log: Callable[[str], None] | None = None) -> QuantResult:
-    """Quantize every large 2-D tensor with `cfg.method`; small and 1-D tensors stay fp16.
+# ----------------------------------------------------------------------------- LQER
 
-    `shared` maps weight names to Hessian keys; every name in it must have its Hessian (GPTQ needs
-    it); tensors outside it (embedding tables that are not the head) are quantized by the clip rule.
-    """
-    bits = check_bits(cfg)
-    if cfg.method not in ("rtn", "clip_search", "sdclip", "gptq", "adaptive_clip"):
-        raise PgolfError(f"quant.method: {cfg.method!r}; expected rtn, clip_search, sdclip, gptq or adaptive_clip")
-    if cfg.clip_rule not in CLIP_RULES:
-        raise PgolfError(f"quant.clip_rule: {cfg.clip_rule!r}; expected {', '.join(CLIP_RULES)}")
-    if cfg.method == "gptq" and not shared:
-        raise PgolfError("quant.method=gptq needs Hessians: the calibration file lists none")
-    big = [n for n, t in state.items() if t.ndim == 2 and t.numel() >= cfg.keep_float_numel]
-    multipliers = adaptive_multipliers(state, big, hessians, shared, cfg) if cfg.method == "adaptive_clip" else {}
-    result = QuantResult({}, {n: t.half() for n, t in state.items() if n not in big}, {})
-    for name in big:
-        W = state[name].float()
-        group = group_of(name)
-        b = bits[group]
-        H = hessian_for(name, hessians, shared, W.size(1))
-        if cfg.method == "adaptive_clip":
-            k = max(multipliers[name] + clip_offset, 0.5)
-            q = round_rows(W, torch.minimum(k * W.std(dim=1), W.abs().amax(dim=1)), b)
-        elif cfg.method == "gptq" and H is not None:
-            clip = CLIP_RULES[cfg.clip_rule](W, b, cfg, group)
-            q = gptq(W, H, b, clip, cfg.damp, cfg.block_size, cfg.act_order)
-        else:
-            rule = cfg.clip_rule if cfg.method == "gptq" else cfg.method  # rtn, clip_search, sdclip name their rule
-            q = round_rows(W, CLIP_RULES[rule](W, b, cfg, group), b)
-        result.quantized[name] = q
-        Wq = q.dequantize()
-        result.errors[name] = {"group": group, "bits": b, "error": weighted_error(W, Wq, H),
-                               "norm": weighted_error(W, torch.zeros_like(W), H), "weighted": H is not None}
-        if log:
-            log(f"{name}: {cfg.method} int{b} rel err {result.errors[name]['error'] / max(result.errors[name]['norm'], 1e-30):.3e}")
-    return result
+def quantize_lowrank(A: torch.Tensor, B: torch.Tensor) -> LowRank:
+    """Records' asymmetric packing: A int2 in [-2, 1] with one scale (max|A| / 1.5), B int4 in [-8, 7] per group
+    of LQER_GROUP values (per row when the row length does not divide)."""
+    a_scale = (A.abs().amax().clamp_min(1e-10) / 1.5).half()
+    a_codes = torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8)
+    g = LQER_GROUP if B.numel() % LQER_GROUP == 0 else B.size(1)
+    Bg = B.reshape(-1, g)
+    b_scale = (Bg.abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
+    b_codes = torch.clamp(torch.round(Bg / b_scale.float()[:, None]), -8, 7).to(torch.int8).reshape(B.shape)
+    return LowRank(a_codes, a_scale.reshape(1), b_codes, b_scale)
 
 
-def prune_candidates(result: QuantResult, hessians, shared) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+def add_lqer(problem: Problem, quantized: dict[str, Quantized]) -> None:
+    """LQER: for each tensor with a Hessian, the rank-r A·B closest to its quantization error E in the H-weighted
+    norm (SVD of E·H^(1/2), B = Vᵀ·H^(−1/2)), quantized; kept on the quant.lqer_tensors tensors whose weighted
+    error it cuts most (and only where it cuts it at all)."""
+    cfg, gains = problem.cfg, []
+    for t in problem.tensors:
+        if t.H is None:
+            continue
+        q = quantized[t.name]
+        E = t.W - q.dequantize()
+        root, inv_root = problem.sqrt_hessian(t)
+        U, S, Vh = torch.linalg.svd(E @ root, full_matrices=False)
+        r = min(cfg.lqer_rank, S.numel())
+        low = quantize_lowrank(U[:, :r] * S[:r], Vh[:r] @ inv_root)
+        before = weighted_error(t.W, q.dequantize(), t.H)
+        after = weighted_error(t.W, q.dequantize() + low.matrix(), t.H)
+        if after < before:
+            gains.append((before - after, t.name, low))
+    for _, name, low in sorted(gains, key=lambda g: -g[0])[:cfg.lqer_tensors]:
+        quantized[name].lqer = low
+
+
+# ----------------------------------------------------------------------------- pruning and the byte target
+
+def prune_candidates(result: QuantResult, problem: Problem) -> tuple[torch.Tensor, list[str]]:
     """Cost of zeroing each ±1 code: scale² × H_diag[col] (scale² where there is no H), cheapest first."""
     costs, refs = [], []
+    hdiag = {t.name: t.H.diagonal().float() for t in problem.tensors if t.H is not None}
     for name, q in result.quantized.items():
-        mask = q.codes.abs() == 1
-        rows, cols = mask.nonzero(as_tuple=True)
+        rows, cols = (q.codes.abs() == 1).nonzero(as_tuple=True)
         c = q.scale.float()[rows].square()
-        if name in shared:
-            c = c * torch.diag(hessians[shared[name]]).float().to(c.device)[cols]
+        if name in hdiag:
+            c = c * hdiag[name].to(c.device)[cols]
         costs.append(c)
         refs.append((name, rows * q.codes.size(1) + cols))
     cost = torch.cat(costs) if costs else torch.zeros(0)
-    owner = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, (_, r) in enumerate(refs)]) if refs else torch.zeros(0, dtype=torch.long)
+    owner = torch.cat([torch.full((len(r),), i, dtype=torch.long, device=r.device) for i, (_, r) in enumerate(refs)]) \
+        if refs else torch.zeros(0, dtype=torch.long)
     flat = torch.cat([r for _, r in refs]) if refs else torch.zeros(0, dtype=torch.long)
     order = torch.sort(cost, stable=True).indices
     return torch.stack([owner[order], flat[order]]), [n for n, _ in refs]
@@ -232,7 +414,7 @@ def prune_candidates(result: QuantResult, hessians, shared) -> tuple[torch.Tenso
 
 def apply_pruning(result: QuantResult, candidates: torch.Tensor, names: list[str], n: int) -> QuantResult:
     """A copy of `result` with the n cheapest ±1 codes set to 0."""
-    quantized = {k: Quantized(q.codes.clone(), q.scale, q.bits) for k, q in result.quantized.items()}
+    quantized = {k: Quantized(q.codes.clone(), q.scale, q.bits, q.k, q.lqer) for k, q in result.quantized.items()}
     owner, flat = candidates[:, :n]
     for i, name in enumerate(names):
         idx = flat[owner == i]
@@ -241,25 +423,128 @@ def apply_pruning(result: QuantResult, candidates: torch.Tensor, names: list[str
     return QuantResult(quantized, result.floats, result.errors)
 
 
-def search_target(size_of: Callable[[int | float], int], lo: float, hi: float, target: int, integer: bool,
-                  what: str) -> tuple[float, int]:
-    """Binary search the smallest-change setting x in [lo, hi] with size_of(x) <= target.
-    size_of must fall as x rises. Returns (x, size)."""
-    size_hi = size_of(hi)
-    if size_hi > target:
-        raise PgolfError(f"quant.target_bytes={target:,} is unreachable by {what}: the smallest it reaches is "
-                         f"{size_hi:,} bytes ({size_hi - target:,} over)")
-    size_lo = size_of(lo)
-    if size_lo <= target:
-        return lo, size_lo
-    best = (hi, size_hi)
-    for _ in range(40):
-        if (hi - lo) <= (1 if integer else 1e-3):
+def bisect(fits: Callable[[float], bool], lo: float, hi: float, tol: float) -> float:
+    """The smallest x in [lo, hi] with fits(x), for fits monotone in x (false ... true); fits(hi) must hold."""
+    if fits(lo):
+        return lo
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+VERIFY_ROUNDS = 4  # estimate-guided searches, each checked with the real codec
+ESTIMATE_SLACK = 0.01  # an estimate this far under the target is checked as it is, without a search
+
+
+def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult, dict]:
+    """Quantize so the compressed model meets `target` bytes. The sizer estimates a result's blob from the order-0
+    entropy of its codes, scaled by what its codecs achieved on samples (`prepare`) or on a whole blob
+    (`calibrate`); the clip offset is bisected on the estimate, the result is checked with the real codecs
+    (`exact`: the blob compress will write), and the estimate re-calibrated there if it is still over. If the
+    widest clip is too large, the cheapest ±1 codes are pruned the same way."""
+    adaptive = problem.cfg.method == "adaptive_clip"
+    lo, hi = ADAPTIVE_OFFSET_RANGE if adaptive else OFFSET_RANGE
+    info: dict = {"clip_offset": 0.0, "pruned_codes": 0}
+    if target is None:
+        return problem.quantize(0.0), info
+    t0 = time.perf_counter()
+    result = problem.quantize(0.0, final=False)
+    sizer.prepare(result)
+    info["unfitted_bytes_est"] = round(sizer.estimate(result))
+    offset, size, checks, searched = 0.0, None, 0, 0.0
+    if not adaptive and info["unfitted_bytes_est"] <= target * (1 - ESTIMATE_SLACK):
+        result = problem.quantize(0.0)
+        size, checks = sizer.exact(result), 1
+    for _ in range(VERIFY_ROUNDS):
+        if size is not None and (size <= target or offset == hi):
             break
-        mid = (lo + hi) // 2 if integer else (lo + hi) / 2
-        s = size_of(mid)
-        if s <= target:
-            hi, best = mid, (mid, s)
-        else:
-            lo = mid
-    return best
+        if size is not None:
+            sizer.calibrate(result, size)
+        t1 = time.perf_counter()
+        offset = bisect(lambda x: sizer.estimate(problem.quantize(x, final=False)) <= target, lo, hi, 1e-3)
+        searched += time.perf_counter() - t1
+        result = problem.quantize(offset)
+        size, checks = sizer.exact(result), checks + 1
+    info |= {"clip_offset": round(offset, 4), "search_seconds": round(searched, 3)}
+    if size > target:
+        result, size, pruned, more = _prune_to(result, problem, target, sizer, size)
+        info["pruned_codes"], checks = pruned, checks + more
+    return result, info | {"fitted_bytes": size, "codec_checks": checks,
+                           "fit_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _prune_to(result: QuantResult, problem: Problem, target: int, sizer, size: int) -> tuple[QuantResult, int, int, int]:
+    candidates, names = prune_candidates(result, problem)
+    total = candidates.size(1)
+    floor = sizer.exact(apply_pruning(result, candidates, names, total))
+    if floor > target:
+        raise PgolfError(f"quant.target_bytes: {target:,} is unreachable: the widest clip with every ±1 code "
+                         f"pruned still takes {floor:,} bytes ({floor - target:,} over); lower quant.bits or the model size")
+    base, checks, n = result, 1, total
+    for _ in range(VERIFY_ROUNDS):
+        sizer.calibrate(result, size)
+        n = int(bisect(lambda x: sizer.estimate(apply_pruning(base, candidates, names, int(x))) <= target, 0, total, 1))
+        result = apply_pruning(base, candidates, names, n)
+        size, checks = sizer.exact(result), checks + 1
+        if size <= target:
+            return result, size, n, checks
+    return apply_pruning(base, candidates, names, total), floor, total, checks
+
+
+# ----------------------------------------------------------------------------- the quantized-tensor file
+
+def save_quantized(path: str | Path, result: QuantResult, meta: dict) -> None:
+    """Codes, scales and LQER factors as safetensors (no pickle); bits and k in the metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, q in result.quantized.items():
+        tensors[f"{name}.codes"], tensors[f"{name}.scale"] = q.codes, q.scale
+        if q.lqer is not None:
+            low = q.lqer
+            tensors |= {f"{name}.lqer_a": low.a_codes, f"{name}.lqer_a_scale": low.a_scale,
+                        f"{name}.lqer_b": low.b_codes, f"{name}.lqer_b_scale": low.b_scale}
+    tensors |= {f"{name}.fp16": t for name, t in result.floats.items()}
+    quant = {name: {"bits": q.bits, "k": q.k} for name, q in result.quantized.items()}
+    save_tensors(path, tensors, {**meta, "quantized": quant})
+
+
+def load_quantized(path: str | Path) -> tuple[QuantResult, dict]:
+    tensors, meta = load_tensors(path)
+    quantized = {}
+    try:
+        for name, info in meta["quantized"].items():
+            lqer = None
+            if f"{name}.lqer_a" in tensors:
+                lqer = LowRank(*(tensors[f"{name}.{k}"] for k in ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")))
+            quantized[name] = Quantized(tensors[f"{name}.codes"], tensors[f"{name}.scale"], info["bits"], info["k"], lqer)
+    except KeyError as e:
+        raise PgolfError(f"{path}: incomplete quantized-tensor file (no {e.args[0]})") from None
+    floats = {k.removesuffix(".fp16"): v for k, v in tensors.items() if k.endswith(".fp16")}
+    return QuantResult(quantized, floats), {k: v for k, v in meta.items() if k != "quantized"}
+
+
+def error_metrics(result: QuantResult) -> dict:
+    """Relative (H-weighted where H exists) error per group and in total."""
+    out, total_err, total_norm = {}, 0.0, 0.0
+    for g in GROUPS:
+        errs = [e for e in result.errors.values() if e["group"] == g]
+        if errs:
+            err, norm = sum(e["error"] for e in errs), sum(e["norm"] for e in errs)
+            out[f"rel_error_{g}"] = round(err / max(norm, 1e-30), 8)
+            total_err, total_norm = total_err + err, total_norm + norm
+    out["rel_error_total"] = round(total_err / max(total_norm, 1e-30), 8)
+    return out
+
+
+def quantize(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
+             cfg: QuantConfig, target: int | None, sizer) -> tuple[QuantResult, dict]:
+    """Quantize a model's state to meet `target` compressed bytes (None: as configured); returns the result and
+    the stage's metrics: the search's outcome, the errors and each tensor's clip multiplier k."""
+    t0 = time.perf_counter()
+    result, info = fit_target(Problem(state, hessians, shared, cfg), target, sizer)
+    metrics = {"seconds": round(time.perf_counter() - t0, 3), "target_bytes": target, **info, **error_metrics(result),
+               "lqer_tensors": sum(q.lqer is not None for q in result.quantized.values())}
+    ks = {n: round(q.k, 4) for n, q in sorted(result.quantized.items()) if q.k is not None}
+    if ks:
+        metrics["k"] = ks  # each tensor's clip multiplier (adaptive clip sets them per tensor)
+    return result, metrics

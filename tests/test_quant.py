@@ -1,13 +1,27 @@
 import hashlib
+import json
+import lzma
 
+import numpy as np
 import pytest
 import torch
 
-from pgolf import pack
+from pgolf import codecs, pack, quant
 from pgolf.config import GroupValues, QuantConfig
 from pgolf.errors import PgolfError
-from pgolf.quant import (apply_pruning, clip_absmax, clip_search, gptq, prune_candidates, qmax,
-                         quantize_state, round_rows, search_target, weighted_error)
+from pgolf.quant import (
+    Problem,
+    apply_pruning,
+    clip_absmax,
+    fit_target,
+    gptq,
+    gptq_many,
+    prepare_hessian,
+    prune_candidates,
+    qmax,
+    round_rows,
+    weighted_error,
+)
 
 
 def random_problem(seed: int, rows=48, cols=64):
@@ -22,114 +36,229 @@ def random_problem(seed: int, rows=48, cols=64):
 @pytest.mark.parametrize("bits", [4, 6])
 def test_gptq_beats_rtn_on_hessian_weighted_error(seed, bits):
     W, H = random_problem(seed)
-    rtn = round_rows(W, clip_absmax(W, bits, QuantConfig(), "mlp"), bits)
-    g = gptq(W, H, bits, clip_absmax(W, bits, QuantConfig(), "mlp"), damp=0.01, block_size=16, act_order=True)
+    clip = clip_absmax(W, bits, 0, QuantConfig())
+    rtn = round_rows(W, clip, bits)
+    g = gptq(W, H, bits, clip, damp=0.01, block_size=16, act_order=True)
     assert weighted_error(W, g.dequantize(), H) < weighted_error(W, rtn.dequantize(), H)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_clip_search_is_never_worse_than_rtn(seed):
-    W, _ = random_problem(seed)
-    W[0, 0] = 25.0  # an outlier makes clipping pay off
-    cfg = QuantConfig()
-    for bits in (3, 5, 6):
-        rtn = round_rows(W, clip_absmax(W, bits, cfg, "mlp"), bits).dequantize()
-        cs = round_rows(W, clip_search(W, bits, cfg, "mlp"), bits).dequantize()
-        assert ((W - cs) ** 2).sum(1).le(((W - rtn) ** 2).sum(1) + 1e-5).all()
+def test_batched_gptq_equals_one_matrix_at_a_time():
+    """Matrices sharing a Hessian are stacked and same shapes batched: the codes are those of separate runs."""
+    (W1, H1), (W2, H2), (W3, _) = random_problem(1), random_problem(2), random_problem(3, rows=20)
+    p1, p2 = prepare_hessian(H1, 0.01, True, "a"), prepare_hessian(H2, 0.01, True, "b")
+    Ws, ps, bits = [W1, W2, W3], [p1, p2, p1], [6, 4, 5]
+    clips = [clip_absmax(W, b, 0, QuantConfig()) for W, b in zip(Ws, bits)]
+    together = gptq_many(Ws, ps, clips, bits, block_size=16)
+    for W, p, c, b, q in zip(Ws, ps, clips, bits, together):
+        alone = gptq_many([W], [p], [c], [b], block_size=16)[0]
+        assert torch.equal(q.codes, alone.codes) and torch.equal(q.scale, alone.scale) and q.bits == b
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_codes_stay_in_range_and_bitpacking_roundtrips(bits):
-    W, H = random_problem(bits)
-    for q in (round_rows(W * 100, clip_absmax(W, bits, QuantConfig(), "x") * 50, bits),
-              gptq(W, H, bits, clip_absmax(W, bits, QuantConfig(), "x"))):
-        assert q.codes.abs().max() <= qmax(bits)
-        codes = q.codes.numpy()
-        assert (pack.unpack_bits(pack.pack_bits(codes, bits), bits, codes.size).reshape(codes.shape) == codes).all()
+def test_sdclip_at_the_seeds_k_is_a_rate_knob_absmax_is_not():
+    """Seed k = 12.85 at int6 on Gaussian rows: the clip is not capped at the row absmax, so the bulk spreads over
+    fewer codes; fewer distinct codes and a smaller compressed blob than absmax at the same bits."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(512, 512, generator=g) * (0.5 + torch.rand(512, 1, generator=g))
+    cfg = QuantConfig(sdclip_k=GroupValues(12.85, 12.85, 12.85, 12.85))
+    absmax = round_rows(W, quant.CLIP_RULES["rtn"](W, 6, 12.85, cfg), 6)
+    sdclip = round_rows(W, quant.CLIP_RULES["sdclip"](W, 6, 12.85, cfg), 6)
+    assert (quant.CLIP_RULES["sdclip"](W, 6, 12.85, cfg) > W.abs().amax(dim=1)).all()  # beyond absmax: no cap
+    assert sdclip.codes.unique().numel() < absmax.codes.unique().numel()
+    size = {name: len(codecs.compress("lzma", q.codes.numpy().tobytes())) for name, q in (("abs", absmax), ("sd", sdclip))}
+    assert size["sd"] < 0.8 * size["abs"]
+    entropy = {name: codecs.entropy_bytes(q.codes.numpy().tobytes()) * 8 / W.numel() for name, q in (("abs", absmax), ("sd", sdclip))}
+    assert entropy["sd"] < 3.6 < 4.9 < entropy["abs"]  # bits per weight: ~3.3 against ~5.2
 
 
 def model_like_state(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {
         "blocks.0.attn.q.weight": torch.randn(64, 64, generator=g) * 0.05,
+        "blocks.0.attn.k.weight": torch.randn(32, 64, generator=g) * 0.05,
         "blocks.0.mlp.fc.weight": torch.randn(128, 64, generator=g) * 0.05,
+        "blocks.1.mlp.fc.weight": torch.randn(128, 64, generator=g) * 0.5,
         "tok_emb.weight": torch.randn(100, 64, generator=g) * 0.02,
         "blocks.0.attn_scale": torch.rand(64, generator=g),
     }
 
 
-def hessians_for(state, seed=0):
+def hessians_for(seed=0):
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(512, 64, generator=g)
-    H = X.T @ X / 512
-    return {"h": H}, {"blocks.0.attn.q.weight": "h", "blocks.0.mlp.fc.weight": "h", "tok_emb.weight": "h"}
+    X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    loud = X * 4  # a layer whose inputs are larger: its weights matter more
+    hess = {"h": X.T @ X / 512, "loud": loud.T @ loud / 512}
+    shared = {"blocks.0.attn.q.weight": "h", "blocks.0.attn.k.weight": "h", "blocks.0.mlp.fc.weight": "h",
+              "blocks.1.mlp.fc.weight": "loud", "tok_emb.weight": "h"}
+    return hess, shared
 
 
-def quantized(method="gptq", **kw):
-    state = model_like_state()
-    hess, shared = hessians_for(state)
-    cfg = QuantConfig(method=method, keep_float_numel=1000, **kw)
-    return quantize_state(state, hess, shared, cfg), state, hess, shared
+def problem(method="gptq", **kw) -> Problem:
+    hess, shared = hessians_for()
+    return Problem(model_like_state(), hess, shared, QuantConfig(method=method, keep_float_numel=1000, **kw))
 
 
-@pytest.mark.parametrize("codec", ["zstd", "brotli", "lzma"])
+def test_adaptive_clip_gives_the_most_sensitive_tensor_the_smallest_k():
+    p = problem("adaptive_clip", sdclip_k=GroupValues(10, 10, 10, 10), adaptive_alpha=0.5)
+    ks = quant.adaptive_ks(p)
+    sensitivity = {t.name: float(t.H.diagonal().mean()) * float(t.W.var(dim=1).mean()) for t in p.tensors}
+    most = max(sensitivity, key=sensitivity.get)
+    assert most == "blocks.1.mlp.fc.weight" and ks[most] == min(ks.values()) < 10
+    assert ks[min(sensitivity, key=sensitivity.get)] == max(ks.values()) > 10
+    result = p.quantize()
+    assert {n: q.k for n, q in result.quantized.items()} == pytest.approx(ks)  # the k each tensor was quantized at
+
+
+def test_lqer_lowers_the_hessian_weighted_error():
+    base = problem("gptq", bits=GroupValues(3, 3, 3, 3), clip_rule="sdclip").quantize()
+    corrected = problem("gptq", bits=GroupValues(3, 3, 3, 3), clip_rule="sdclip", lqer_rank=4, lqer_tensors=2).quantize()
+    chosen = [n for n, q in corrected.quantized.items() if q.lqer is not None]
+    assert len(chosen) == 2
+    for name in chosen:
+        assert corrected.errors[name]["error"] < base.errors[name]["error"]
+        assert torch.equal(corrected.quantized[name].codes, base.quantized[name].codes)  # the codes are GPTQ's
+        lq = corrected.quantized[name].lqer
+        assert lq.a_codes.min() >= -2 and lq.a_codes.max() <= 1 and lq.b_codes.abs().max() <= 8
+    unchosen = [n for n in base.quantized if n not in chosen]
+    assert all(corrected.errors[n]["error"] == base.errors[n]["error"] for n in unchosen)
+    total = lambda r: sum(e["error"] for e in r.errors.values())  # noqa: E731
+    assert total(corrected) < total(base)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_stay_in_range_and_bitpacking_roundtrips(bits):
+    W, H = random_problem(bits)
+    for q in (round_rows(W * 100, clip_absmax(W, bits, 0, QuantConfig()) * 50, bits),
+              gptq(W, H, bits, clip_absmax(W, bits, 0, QuantConfig()))):
+        assert q.codes.abs().max() <= qmax(bits)
+        codes = q.codes.numpy()
+        assert (pack.unpack_bits(pack.pack_bits(codes, bits), bits, codes.size).reshape(codes.shape) == codes).all()
+
+
+def packed(result, codec="auto", layout="auto"):
+    return pack.pack(result, {"config": {"x": 1}}, pack.plan_streams(result, codec, layout))
+
+
+@pytest.mark.parametrize("codec", sorted(codecs.CODECS))
 @pytest.mark.parametrize("layout", ["int8", "bitpack"])
 def test_each_codec_and_layout_roundtrips_exactly(codec, layout):
-    result, *_ = quantized()
-    blob, sizes = pack.pack(result, {"config": {"x": 1}}, codec, layout)
-    assert list(sizes) == [f"{codec}_{layout}"]
+    result = problem(lqer_rank=2, lqer_tensors=1).quantize()
+    blob, report = packed(result, codec, layout)
+    assert all(r["codec"] == codec for r in report.values())
+    assert {r["layout"] for n, r in report.items() if n.startswith("codes.")} == {layout}
     state, meta = pack.unpack(blob)
     assert meta == {"config": {"x": 1}}
     for name, t in result.dequantized().items():
         assert torch.equal(state[name], t), name
 
 
-def test_auto_returns_the_smallest():
-    result, *_ = quantized()
-    blob, sizes = pack.pack(result, {}, "auto", "auto")
-    assert len(sizes) == 6 and len(blob) == min(sizes.values())
-
-
-def test_same_inputs_give_a_byte_identical_blob():
-    digests = {hashlib.sha256(pack.pack(quantized()[0], {}, "auto", "auto")[0]).hexdigest() for _ in range(2)}
+def test_auto_picks_per_stream_and_is_deterministic():
+    result = problem().quantize()
+    plan = pack.plan_streams(result)
+    for entry in plan.values():
+        assert entry["estimate"] == min(entry["trials"].values())
+    assert len(plan["codes.mlp"]["trials"]) == len(codecs.CODECS) * 2
+    digests = {hashlib.sha256(packed(result)[0]).hexdigest() for _ in range(2)}
     assert len(digests) == 1
 
 
-def test_pruning_meets_a_reachable_target_and_names_an_unreachable_one():
-    result, state, hess, shared = quantized(method="rtn", bits=GroupValues(3, 3, 3, 3))
-    size = lambda r: len(pack.pack(r, {}, "zstd", "int8")[0])  # noqa: E731
-    candidates, names = prune_candidates(result, hess, shared)
-    full = size(result)
-    floor = size(apply_pruning(result, candidates, names, candidates.size(1)))
-    target = (full + floor) // 2
-    n, got = search_target(lambda n: size(apply_pruning(result, candidates, names, int(n))), 0, candidates.size(1),
-                           target, True, "pruning")
-    pruned = apply_pruning(result, candidates, names, int(n))
-    assert got == size(pruned) <= target and 0 < n < candidates.size(1)
-    assert sum(int((q.codes == 0).sum()) for q in pruned.quantized.values()) > sum(int((q.codes == 0).sum()) for q in result.quantized.values())
-    with pytest.raises(PgolfError, match=rf"target_bytes=100 is unreachable by pruning: the smallest it reaches is {floor:,}"):
-        search_target(lambda n: size(apply_pruning(result, candidates, names, int(n))), 0, candidates.size(1), 100, True, "pruning")
+def test_codec_ids_are_fixed():
+    assert {n: c.id for n, c in codecs.CODECS.items()} == {"zstd": 1, "brotli": 2, "lzma": 3, "zpaq": 4, "ppmd": 5}
+
+
+class FakeSizer:
+    """Exact size = the real blob; estimate = entropy-scaled, as pack.Sizer."""
+
+    def __init__(self):
+        self.inner = pack.Sizer({}, "lzma", "int8")
+        self.exact_calls = 0
+
+    def exact(self, result):
+        self.exact_calls += 1
+        return self.inner.exact(result)
+
+    def prepare(self, result):
+        self.inner.prepare(result)
+
+    def calibrate(self, result, size):
+        self.inner.calibrate(result, size)
+
+    def estimate(self, result):
+        return self.inner.estimate(result)
+
+
+def test_fit_meets_a_target_by_the_clip_offset_then_by_pruning_and_names_an_unreachable_one():
+    p = problem("gptq", clip_rule="sdclip")
+    sizer = FakeSizer()
+    natural = sizer.exact(p.quantize())
+    result, info = fit_target(p, natural - 3000, FakeSizer())
+    assert 0 < info["clip_offset"] <= 2 and info["pruned_codes"] == 0
+    assert info["fitted_bytes"] == pack.Sizer({}, "lzma", "int8").exact(result) <= natural - 3000
+    widest = pack.Sizer({}, "lzma", "int8").exact(p.quantize(2.0))
+    result, info = fit_target(p, widest - 200, FakeSizer())
+    assert info["clip_offset"] == 2.0 and info["pruned_codes"] > 0 and info["fitted_bytes"] <= widest - 200
+    with pytest.raises(PgolfError, match=r"quant.target_bytes: 100 is unreachable: the widest clip with every ±1 code "
+                                         r"pruned still takes [\d,]+ bytes"):
+        fit_target(p, 100, FakeSizer())
+    sizer = FakeSizer()
+    result, info = fit_target(p, natural + 3000, sizer)  # comfortably over the estimate: checked once, no search
+    assert info["clip_offset"] == 0.0 and info["fitted_bytes"] == natural and sizer.exact_calls == 1
+    assert abs(info["unfitted_bytes_est"] - natural) < 0.02 * natural  # the sample-based estimate is close
+
+
+def test_fit_plans_the_lqer_stream_it_adds():
+    p = problem("gptq", clip_rule="sdclip", lqer_rank=2, lqer_tensors=2)
+    sizer = FakeSizer()
+    natural = pack.Sizer({}, "lzma", "int8").exact(p.quantize())
+    result, info = fit_target(p, natural - 2000, sizer)
+    assert info["fitted_bytes"] <= natural - 2000 and "lqer" in sizer.inner.plan
+    assert sum(q.lqer is not None for q in result.quantized.values()) == 2
+
+
+def test_adaptive_clip_recenters_its_offset_on_the_budget():
+    p = problem("adaptive_clip")
+    sizer = FakeSizer()
+    natural = sizer.exact(p.quantize())
+    result, info = fit_target(p, natural + 2000, FakeSizer())  # room to spare: a tighter clip uses it
+    assert info["clip_offset"] < 0 and natural < info["fitted_bytes"] <= natural + 2000
+
+
+def test_pruning_zeroes_the_cheapest_plus_minus_ones():
+    p = problem("rtn", bits=GroupValues(3, 3, 3, 3))
+    result = p.quantize()
+    candidates, names = prune_candidates(result, p)
+    pruned = apply_pruning(result, candidates, names, candidates.size(1) // 2)
+    zeros = lambda r: sum(int((q.codes == 0).sum()) for q in r.quantized.values())  # noqa: E731
+    assert zeros(pruned) == zeros(result) + candidates.size(1) // 2
+
+
+def test_quantized_file_roundtrips_with_lqer_and_k(tmp_path):
+    result = problem("adaptive_clip", lqer_rank=2, lqer_tensors=2).quantize()
+    quant.save_quantized(tmp_path / "q.safetensors", result, {"config": {}, "plan": None})
+    back, meta = quant.load_quantized(tmp_path / "q.safetensors")
+    assert meta == {"config": {}, "plan": None}
+    for name, q in result.quantized.items():
+        assert torch.equal(back.quantized[name].dequantize(), q.dequantize()) and back.quantized[name].k == q.k
 
 
 def test_bad_inputs_are_one_line_errors():
     state = model_like_state()
-    hess, shared = hessians_for(state)
-    with pytest.raises(PgolfError, match=r"quant.bits.mlp: 9; expected an integer from 2 to 8"):
-        quantize_state(state, hess, shared, QuantConfig(bits=GroupValues(6, 9, 8, 8), keep_float_numel=1000))
+    hess, shared = hessians_for()
+    cfg = QuantConfig(keep_float_numel=1000)
     with pytest.raises(PgolfError, match=r"Hessian 'h' for blocks.0.attn.q.weight is missing"):
-        quantize_state(state, {}, shared, QuantConfig(keep_float_numel=1000))
-    with pytest.raises(PgolfError, match=r"needs Hessians"):
-        quantize_state(state, {}, {}, QuantConfig(keep_float_numel=1000))
+        Problem(state, {}, shared, cfg)
     with pytest.raises(PgolfError, match=r"Hessian for blocks.0.attn.q.weight has shape \(32, 32\), expected \(64, 64\)"):
-        quantize_state(state, {"h": torch.eye(32)}, shared, QuantConfig(keep_float_numel=1000))
+        Problem(state, {"h": torch.eye(32), "loud": hess["loud"]}, shared, cfg)
+    broken = dict(hess, h=hess["h"] * float("nan"))
+    with pytest.raises(PgolfError, match=r"Hessian for blocks.0.attn.q.weight is not finite \(damaged calibration file"):
+        Problem(state, broken, shared, cfg)
 
 
 def test_corrupted_or_truncated_blob_is_refused():
-    blob, _ = pack.pack(quantized()[0], {}, "zstd", "int8")
+    blob, _ = packed(problem().quantize(), "zstd", "int8")
     with pytest.raises(PgolfError, match="corrupted or truncated blob"):
         pack.unpack(blob[:-50], "m.blob")
     flipped = bytearray(blob)
-    flipped[len(blob) // 2] ^= 0xFF
+    flipped[len(blob) - 100] ^= 0xFF
     with pytest.raises(PgolfError, match="m.blob: corrupted"):
         pack.unpack(bytes(flipped), "m.blob")
     with pytest.raises(PgolfError, match="bad magic"):
@@ -140,17 +269,38 @@ def test_corrupted_or_truncated_blob_is_refused():
         pack.unpack(bytes(tampered), "m.blob")
 
 
-def test_every_method_quantizes_a_model_state():
-    for method in ("rtn", "clip_search", "sdclip", "gptq", "adaptive_clip"):
-        result, state, hess, _ = quantized(method=method)
-        assert set(result.quantized) == {"blocks.0.attn.q.weight", "blocks.0.mlp.fc.weight", "tok_emb.weight"}
-        assert set(result.floats) == {"blocks.0.attn_scale"} and result.floats["blocks.0.attn_scale"].dtype == torch.float16
-        rel = weighted_error(state["blocks.0.mlp.fc.weight"], result.quantized["blocks.0.mlp.fc.weight"].dequantize())
-        assert rel < 0.01 * state["blocks.0.mlp.fc.weight"].square().sum(), method
+def craft(header: dict, streams: list[bytes], declared: list[int] | None = None) -> bytes:
+    """A blob with valid checksums and whatever header it is given (zstd streams; raw sizes as `declared`)."""
+    packed_streams = [codecs.compress("zstd", x) for x in streams]
+    sizes = declared or [len(x) for x in streams]
+    header = dict(header, streams=[[n, lay, codecs.CODECS["zstd"].id, size, len(p)]
+                                   for (n, lay), size, p in zip(header["streams"], sizes, packed_streams)])
+    raw = json.dumps(header).encode()
+    digest = hashlib.sha256(raw + b"".join(streams)).digest()
+    packed_header = lzma.compress(raw)
+    return (pack.HEAD.pack(pack.MAGIC, pack.VERSION, digest, len(packed_header), len(raw)) + packed_header
+            + b"".join(packed_streams))
+
+
+def test_declared_sizes_are_bounded_by_the_bytes_present():
+    codes = np.zeros(64, dtype=np.int8).tobytes()
+    scale = pack.shuffle16(np.ones(8, dtype=np.float32))
+    tensor = {"name": "w", "kind": "int", "shape": [8, 8], "bits": 6, "codes": [0, 0, 64], "scale": [1, 0, 16]}
+    header = {"meta": {}, "streams": [["codes.mlp", "int8"], ["fp16", "raw"]], "tensors": [tensor]}
+    state, _ = pack.unpack(craft(header, [codes, scale]))
+    assert state["w"].shape == (8, 8)
+    huge = dict(tensor, shape=[100_000, 100_000])  # 74.5 GiB of float32 if anything believed it
+    with pytest.raises(PgolfError, match=r"malformed blob \(a tensor part does not match its declared shape\)"):
+        pack.unpack(craft(dict(header, tensors=[huge]), [codes, scale]))
+    with pytest.raises(PgolfError, match=r"declares [\d,]+ raw bytes, more than a blob may hold"):
+        pack.unpack(craft(header, [codes, scale], declared=[1 << 40, 16]))
+    with pytest.raises(PgolfError, match=r"holds fewer than the 65 bytes its header declares"):
+        pack.unpack(craft(header, [codes, scale], declared=[65, 16]))
 
 
 def test_hessians_are_fp32_shared_by_q_k_v_and_include_the_tied_head():
     from conftest import tiny_model
+
     from pgolf.calibrate import collect_hessians
     from pgolf.model import GPT
 
