@@ -5,15 +5,46 @@ Attention, so their input is taken by a pre-hook on the attention module. The ou
 the final hidden states; with tied embeddings it belongs to `tok_emb.weight`.
 """
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .config import CalibrateConfig
+from .data import TokenStream, shard_paths
 from .model import GPT, Attention, autocast
+from .registry import Registry
 
 
 def head_name(model: GPT) -> str:
     return "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Source:
+    batches: Callable[[GPT, CalibrateConfig, Path, torch.device], Iterator[torch.Tensor]]
+    reads_training_data: bool  # its seconds count towards the training budget
+
+
+SOURCES: Registry[Source] = Registry("calibrate.source")  # where calibration sequences come from
+
+
+def train_batches(model: GPT, cfg: CalibrateConfig, data_dir: Path, device: torch.device) -> Iterator[torch.Tensor]:
+    stream = TokenStream(shard_paths(data_dir, "train"), model.cfg.vocab_size)
+    for start in range(0, cfg.num_seqs, cfg.batch_seqs):
+        b = min(cfg.batch_seqs, cfg.num_seqs - start)
+        yield torch.from_numpy(stream.take(b * cfg.seq_len)).view(b, cfg.seq_len)
+
+
+def self_batches(model: GPT, cfg: CalibrateConfig, data_dir: Path, device: torch.device) -> Iterator[torch.Tensor]:
+    return generate(model, cfg.num_seqs, cfg.seq_len, cfg.temperature, model.cfg.bos_id, device, cfg.batch_seqs,
+                    cfg.seed)
+
+
+SOURCES.add("train", Source(train_batches, reads_training_data=True))
+SOURCES.add("self", Source(self_batches, reads_training_data=False))
 
 
 @torch.no_grad()
@@ -85,3 +116,25 @@ def collect_hessians(model: GPT, batches: Iterator[torch.Tensor],
             handle.remove()
     shared[head] = head
     return {k: v / tokens for k, v in sums.items()}, shared, tokens
+
+
+@dataclass
+class Calibration:
+    hessians: dict[str, torch.Tensor]
+    shared: dict[str, str]  # weight name -> Hessian key
+    tokens: int
+    seconds: float  # the time spent reading and running the calibration sequences
+    reads_training_data: bool
+
+
+def calibrate(model: GPT, cfg: CalibrateConfig, data_dir: Path, device: torch.device) -> Calibration:
+    source = SOURCES[cfg.source]
+    with torch.no_grad(), autocast(device):  # CUDA context and kernels warm on zeros: the clock counts reading data
+        model.hidden(torch.zeros((1, cfg.seq_len), dtype=torch.long, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    hessians, shared, tokens = collect_hessians(model, source.batches(model, cfg, data_dir, device), progress=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return Calibration(hessians, shared, tokens, time.perf_counter() - t0, source.reads_training_data)

@@ -8,9 +8,11 @@ import hashlib
 import importlib
 import inspect
 import io
+import itertools
 import json
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
 def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
     """Memory-map a shard's tokens after checking header, size and (optionally) the id range."""
     path = Path(path)
+    if path.is_dir():
+        raise PgolfError(f"{path}: is a directory, expected a shard file")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -69,41 +73,15 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.nda
     return tokens
 
 
-def shard_paths(directory: str | os.PathLike, split: str) -> list[Path]:
-    paths = sorted(Path(directory).glob(f"{split}_*.bin"))
-    if not paths:
+def shard_paths(directory: str | os.PathLike, split: str, required: bool = True) -> list[Path]:
+    """`<split>_NNNNNN.bin` (this repo's names) or `fineweb_<split>_NNNNNN.bin` (the challenge's) in order;
+    val_bytes_* sidecars are not val shards."""
+    pattern = re.compile(rf"(fineweb_)?{split}_[0-9]+\.bin")
+    paths = sorted((p for p in Path(directory).glob(f"*{split}_*.bin") if pattern.fullmatch(p.name)),
+                   key=lambda p: p.name.removeprefix("fineweb_"))
+    if not paths and required:
         raise PgolfError(f"{directory}: no {split}_*.bin shards found")
     return paths
-
-
-class ShardWriter:
-    """Stream tokens into numbered shards of `shard_tokens` tokens each."""
-
-    def __init__(self, directory: Path, split: str, shard_tokens: int):
-        self.directory, self.split, self.shard_tokens = Path(directory), split, shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.filled = 0
-        self.shards: list[dict] = []
-
-    def add(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            n = min(tokens.size, self.shard_tokens - self.filled)
-            self.buffer[self.filled:self.filled + n] = tokens[:n]
-            self.filled += n
-            tokens = tokens[n:]
-            if self.filled == self.shard_tokens:
-                self._flush()
-
-    def _flush(self) -> None:
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        sha = write_shard(self.directory / name, self.buffer[:self.filled])
-        self.shards.append({"file": name, "tokens": self.filled, "sha256": sha})
-        self.filled = 0
-
-    def close(self) -> list[dict]:
-        if self.filled:
-            self._flush()
-        return self.shards
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -130,30 +108,51 @@ def corpus_files(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".zst"):
-        import zstandard
+def _binary_lines(path: Path) -> Iterator[bytes]:
+    if not path.name.endswith(".zst"):
+        with open(path, "rb") as f:
+            yield from f
+        return
+    import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8")
-    return open(path, encoding="utf-8")
+    stream, rest = zstandard.ZstdDecompressor().decompressobj(), b""
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 20):
+                *lines, rest = (rest + stream.decompress(chunk)).split(b"\n")
+                yield from (line + b"\n" for line in lines)
+        except zstandard.ZstdError as e:
+            raise PgolfError(f"{path}: damaged zstd stream ({e})") from None
+    if not stream.eof:
+        raise PgolfError(f"{path}: truncated zstd stream (the file ends inside a frame)")
+    if rest:
+        yield rest
 
 
 def iter_documents(paths: Iterable[str]) -> Iterator[str]:
     """Stream documents: one per JSON line (field `text`) or one per .txt file."""
     for path in corpus_files(paths):
         if path.name.endswith(".txt"):
-            yield path.read_text(encoding="utf-8")
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise PgolfError(f"{path}: not UTF-8 text (byte {e.start})") from None
             continue
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PgolfError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-                yield text
+        lineno = 0
+        for lineno, raw in enumerate(_binary_lines(path), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PgolfError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PgolfError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+            if not isinstance(text, str):
+                raise PgolfError(f"{path}:{lineno}: the 'text' field is not a string")
+            yield text
 
 
 BUILTIN_MODULES = (
@@ -200,29 +199,42 @@ def load_tokenizer(path: str | os.PathLike):
         raise PgolfError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
 
 
-def train_tokenizer(docs: Iterable[str], vocab_size: int, model_path: Path, max_chars: int) -> None:
-    """Train a byte-fallback BPE on `docs` (the train split only), ids laid out like the challenge's."""
+def train_tokenizer(docs: Iterable[str], vocab_size: int, model_path: Path, max_chars: int,
+                    reserved: Iterable[str] = ()) -> None:
+    """Train a byte-fallback BPE on `docs` (the train split only), ids laid out like the challenge's;
+    `reserved` symbols (CaseOps' operators) get pieces of their own."""
     import sentencepiece as spm
+
+    counted = {"lines": 0}
 
     def lines() -> Iterator[str]:
         seen = 0
         for doc in docs:
             for line in doc.splitlines():
                 if line.strip():
+                    counted["lines"] += 1
                     yield line
                     seen += len(line)
             if seen >= max_chars:
                 return
 
+    stream = lines()
+    first = next(stream, None)
+    if first is None:
+        raise PgolfError("corpus has no training text: every document is in the validation split (lower data.val_docs)")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, character_coverage=0.9995, add_dummy_prefix=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, max_sentence_length=16384, num_threads=os.cpu_count() or 1,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True, train_extremely_large_corpus=False,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], stream), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=0.9995,
+            add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, max_sentence_length=16384, num_threads=os.cpu_count() or 1,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, train_extremely_large_corpus=False,
+            user_defined_symbols=list(reserved), minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise PgolfError(f"tokenizer training failed on {counted['lines']:,} lines of training text "
+                         f"(too little text for data.vocab_size={vocab_size}?): {str(e).splitlines()[0]}") from None
     with atomic_path(model_path) as tmp:
         tmp.write_bytes(model.getvalue())
 
@@ -258,43 +270,6 @@ def byte_table(sp) -> ByteTable:
             piece = piece[1:]
         base[i] = len(piece.encode("utf-8"))
     return ByteTable(base, space, boundary)
-
-
-# ----------------------------------------------------------------------------- tokenize
-
-def tokenize_documents(docs: Iterable[str], sp, out_dir: Path, val_docs: int, shard_tokens: int,
-                       batch_docs: int = 256) -> dict:
-    """Encode a document stream into val_* (first `val_docs` docs) and train_* shards, each doc led by BOS."""
-    writers = {s: ShardWriter(out_dir, s, shard_tokens) for s in ("val", "train")}
-    counts = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in writers}
-    bos = sp.bos_id()
-    if bos < 0:
-        raise PgolfError("tokenizer has no BOS token; documents must start with BOS")
-
-    def flush(split: str, batch: list[str]) -> None:
-        for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
-            arr = np.asarray([bos, *ids], dtype=np.uint16)
-            writers[split].add(arr)
-            counts[split]["tokens"] += arr.size
-        counts[split]["docs"] += len(batch)
-        counts[split]["bytes"] += sum(len(d.encode("utf-8")) for d in batch)
-
-    batch: list[str] = []
-    split = "val"
-    for i, doc in enumerate(docs):
-        doc_split = "val" if i < val_docs else "train"
-        if doc_split != split or len(batch) == batch_docs:
-            if batch:
-                flush(split, batch)
-            batch, split = [], doc_split
-        batch.append(doc)
-    if batch:
-        flush(split, batch)
-    for s, c in counts.items():
-        if c["tokens"] == 0:
-            raise PgolfError(f"corpus is empty: no {s} documents (have {sum(x['docs'] for x in counts.values())} "
-                             f"docs, data.val_docs={val_docs})")
-    return {s: {**counts[s], "shards": writers[s].close()} for s in writers}
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -348,3 +323,33 @@ def load_val_tokens(directory: str | os.PathLike, vocab_size: int | None = None)
     """The whole validation split, concatenated."""
     return torch.from_numpy(np.concatenate([read_shard(p, vocab_size) for p in shard_paths(directory, "val")])
                             .astype(np.int64))
+
+
+@dataclass
+class ValSplit:
+    tokens: torch.Tensor  # int64 (N,): the validation stream
+    target_bytes: torch.Tensor  # int64 (N,): UTF-8 bytes token i adds as a target ([0]: 0, it is never one)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.target_bytes[1:].sum())
+
+    def head(self, n_tokens: int) -> "ValSplit":
+        return ValSplit(self.tokens[:n_tokens], self.target_bytes[:n_tokens])
+
+
+def load_val(directory: str | os.PathLike, vocab_size: int | None = None,
+             tokenizer: str | os.PathLike | None = None) -> ValSplit:
+    """Validation tokens and their byte counts: from val_bytes_* shards where tokenize wrote them (CaseOps),
+    else from the tokenizer's byte table (default: tokenizer.model beside the shards)."""
+    tokens = load_val_tokens(directory, vocab_size)
+    sidecar = shard_paths(directory, "val_bytes", required=False)
+    if sidecar:
+        counts = torch.from_numpy(np.concatenate([read_shard(p) for p in sidecar]).astype(np.int64))
+        if counts.numel() != tokens.numel():
+            raise PgolfError(f"{sidecar[0].parent}: val_bytes shards hold {counts.numel():,} counts for "
+                             f"{tokens.numel():,} val tokens")
+    else:
+        table = byte_table(load_tokenizer(tokenizer or Path(directory) / "tokenizer.model"))
+        counts = torch.cat([torch.zeros(1, dtype=torch.long), table.count(tokens[:-1], tokens[1:])])
+    return ValSplit(tokens, counts)

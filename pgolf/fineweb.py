@@ -4,7 +4,10 @@ Remote layout (dataset repo, default willdepueoai/parameter-golf):
     datasets/manifest.json                      lists datasets (name, tokenizer_name, stats) and tokenizers
     datasets/datasets/fineweb10B_<variant>/fineweb_{train,val}_NNNNNN.bin
     datasets/tokenizers/<model_path from the manifest>
-A local mirror laid out the same way (`data.fineweb_mirror`) replaces the Hub for offline hosts.
+Downloads go through `snapshot_download` (parallel, resumable) into the Hugging Face cache, or into
+`data.download_dir` if set. A local mirror (`data.fineweb_mirror`) replaces the Hub for offline hosts; it
+may be laid out like the Hub repo or like upstream's `data/cached_challenge_fineweb.py` leaves its `data/`
+folder (manifest.json, datasets/fineweb10B_<variant>/, tokenizers/ at the top).
 """
 
 import json
@@ -53,36 +56,50 @@ def plan(manifest: dict, variant: str, train_shards: int) -> tuple[list[RemoteFi
     return files, vocab
 
 
-def _fetch_one(relative: str, repo: str, mirror: str | None, download_dir: Path) -> Path:
-    """Return a local path for `relative`, downloading it (resumably) if it is not there yet."""
-    if mirror is not None:
-        source = Path(mirror) / relative
-        if not source.is_file():
-            raise PgolfError(f"{source}: not found in the mirror (data.fineweb_mirror)")
-        return source
-    from huggingface_hub import hf_hub_download
+DOWNLOAD_WORKERS = 8
+
+
+def _mirror_path(mirror: Path, relative: str) -> Path:
+    """A remote path in a mirror of either layout: the Hub's, or upstream's downloader's (no leading datasets/)."""
+    for candidate in (mirror / relative, mirror / Path(relative).relative_to(REMOTE_ROOT)):
+        if candidate.is_file():
+            return candidate
+    raise PgolfError(f"{mirror / relative}: not found in the mirror (data.fineweb_mirror; neither the Hub's layout "
+                     f"nor upstream's data/ layout has it)")
+
+
+def _download(repo: str, files: list[str], download_dir: str | None) -> Path:
+    """Fetch `files` (parallel, resumable); returns the folder they sit in, laid out like the repo."""
+    from huggingface_hub import snapshot_download
 
     try:
-        return Path(hf_hub_download(repo_id=repo, repo_type="dataset", filename=relative, local_dir=download_dir))
+        where = {"local_dir": str(Path(download_dir).expanduser())} if download_dir else {}
+        return Path(snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=files,
+                                      max_workers=DOWNLOAD_WORKERS, **where))
     except Exception as e:  # network, auth, missing file: all end the stage with one line
-        raise PgolfError(f"{repo}/{relative}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise PgolfError(f"{repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def fetch(repo: str, variant: str, train_shards: int, download_dir: str | os.PathLike,
+def fetch(repo: str, variant: str, train_shards: int, download_dir: str | None = None,
           mirror: str | None = None) -> tuple[dict[str, list[Path]], int]:
     """Fetch manifest, shards and tokenizer; returns local paths by kind and the tokenizer's vocab size."""
-    from tqdm import tqdm
-
-    download_dir = Path(download_dir).expanduser()
-    manifest_path = _fetch_one(f"{REMOTE_ROOT}/manifest.json", repo, mirror, download_dir)
+    manifest_rel = f"{REMOTE_ROOT}/manifest.json"
+    if mirror is not None:
+        locate = lambda relative: _mirror_path(Path(mirror), relative)  # noqa: E731
+    else:
+        root = _download(repo, [manifest_rel], download_dir)
+        locate = lambda relative: root / relative  # noqa: E731
+    manifest_path = locate(manifest_rel)
     try:
         manifest = json.loads(Path(manifest_path).read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise PgolfError(f"{manifest_path}: manifest is not valid JSON") from None
     files, vocab = plan(manifest, variant, train_shards)
+    if mirror is None:
+        root = _download(repo, [f.path for f in files], download_dir)
     local: dict[str, list[Path]] = {"val": [], "train": [], "tokenizer": []}
-    for f in tqdm(files, desc=f"fineweb {variant}", unit="file"):
-        local[f.kind].append(_fetch_one(f.path, repo, mirror, download_dir))
+    for f in files:
+        local[f.kind].append(locate(f.path))
     for path in local["val"] + local["train"]:
         read_shard(path)  # header and size check before anything is linked into the artifact
     return local, vocab

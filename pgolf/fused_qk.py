@@ -3,7 +3,7 @@
 Forward: per-head RMS norm of q and k, RoPE on the first 2*rd dims, a learned gain per query head, and v
 copied out, all in one pass. Backward: the qkv gradient (q/k through gain, rope and norm; v as it came) and
 the gain's partial sums, in one pass that re-derives the norm from the raw rows instead of saving it.
-Inductor made six passes for the backward (issue 7). `model.qk_norm_rope` is the definition that the
+Inductor made six passes for the backward. `model.qk_norm_rope` is the definition that the
 tests hold this to; the kernels run wherever Triton does (on CPU under TRITON_INTERPRET=1).
 """
 

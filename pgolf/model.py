@@ -1,4 +1,9 @@
-"""The GPT the seeds train: a baseline decoder plus every option of the record stack, each off by default."""
+"""The GPT of the challenge's records: a baseline decoder plus every option of the record stack, each off by default.
+
+The model built from a config is the network as it ends training: depth recurrence runs all its passes
+(the trainer lowers `passes` only while training is early). Everything that rebuilds a model from an
+artifact therefore scores, calibrates and quantizes the network that was trained.
+"""
 
 import contextlib
 import math
@@ -10,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fused_qk
 from .config import ModelConfig
+from .registry import Registry
 
 try:  # FlashAttention-3 (Hopper); optional
     from flash_attn_interface import flash_attn_func as _fa3
@@ -25,6 +31,19 @@ def autocast(device: torch.device):
 # cuDNN first: 341 vs 215 TFLOP/s for the flash backend (causal, seq 1024, head dim 64, one H100)
 CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 ROPE_TABLE_LEN = 4096  # positions with precomputed rope tables; longer sequences compute theirs
+
+
+ACTIVATIONS: Registry = Registry("model.activation")  # (hidden pre-activation, cfg) -> post-activation
+
+
+@ACTIVATIONS.register("relu2")
+def relu2(h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+@ACTIVATIONS.register("leaky_relu2")
+def leaky_relu2(h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return F.leaky_relu(h, cfg.leaky_slope).square()
 
 
 def activation_dtype(device: torch.device) -> torch.dtype:
@@ -50,6 +69,7 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = 0
+        self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
 
@@ -112,6 +132,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_gain = nn.Parameter(torch.full((cfg.heads,), cfg.qk_gain_init))
         self.gate = CastedLinear(cfg.dim, cfg.heads, zero_init=True) if cfg.head_gate else None
+        if cfg.sparse_gate:  # SparseAttnGate: each head's output times sigmoid(scale * w_h . x[:gate_window])
+            self.sparse_gate = nn.Parameter(torch.zeros(cfg.heads, cfg.gate_window))
+            self.gate_window, self.gate_scale = cfg.gate_window, cfg.sparse_gate_scale
+        else:
+            self.sparse_gate = None
         self.ve_scale = nn.Parameter(torch.ones(1)) if value_embed else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None,
@@ -135,6 +160,9 @@ class Attention(nn.Module):
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.heads, self.head_dim)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        if self.sparse_gate is not None:
+            g = F.linear(x[..., :self.gate_window], self.sparse_gate.to(x.dtype))
+            y = y * torch.sigmoid(self.gate_scale * g).unsqueeze(-1)
         return self.proj(y.reshape(B, T, -1), out_scale)
 
 
@@ -144,12 +172,10 @@ class MLP(nn.Module):
         hidden = int(cfg.mlp_mult * cfg.dim)
         self.fc = CastedLinear(cfg.dim, hidden)
         self.proj = CastedLinear(hidden, cfg.dim, zero_init=True)
-        self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
+        self.cfg, self.act = cfg, ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.fc(x)
-        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        return self.proj(h.square(), out_scale)
+        return self.proj(self.act(self.fc(x), self.cfg), out_scale)
 
 
 class Block(nn.Module):
@@ -193,49 +219,80 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.emb(h))
 
 
-class SmearGate(nn.Module):
-    """Blend each position with the previous one through a learned per-channel gate."""
+SMEAR_GATES: Registry = Registry("model.smear_gate")  # cfg -> module mixing each position with the previous one
 
-    def __init__(self, dim: int):
+
+class ChannelSmear(nn.Module):
+    """Blend each position with the previous one through a learned per-channel gate (after the embedding norm)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.gate = nn.Parameter(torch.zeros(cfg.dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
         return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class BosSmear(nn.Module):
+    """x_t += lambda * sigmoid(w . x_t[:gate_window]) * x_(t-1) on the raw embeddings, except where token t is
+    BOS: a packed stream must not carry the last token of one document into the next (record 2026-04-27)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.window, self.bos_id = cfg.gate_window, cfg.bos_id
+        self.gate = CastedLinear(cfg.gate_window, 1, zero_init=True)
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        g = self.lam.to(x.dtype) * torch.sigmoid(self.gate(x[:, 1:, :self.window]))
+        keep = (idx[:, 1:] != self.bos_id).to(x.dtype).unsqueeze(-1)
+        return torch.cat([x[:, :1], x[:, 1:] + g * x[:, :-1] * keep], dim=1)
+
+
+SMEAR_GATES.add("off", None)
+SMEAR_GATES.add("channel", ChannelSmear)
+SMEAR_GATES.add("bos", BosSmear)
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.dim % cfg.heads or cfg.heads % cfg.kv_heads:
-            raise ValueError("model.dim must divide by model.heads, and model.heads by model.kv_heads")
         self.cfg = cfg
         head_dim = cfg.dim // cfg.heads
         self.rope_dims = (cfg.rope_dims or head_dim) // 2
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.embed_init_std)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.dim) if cfg.bigram_buckets else None
-        self.smear = SmearGate(cfg.dim) if cfg.smear_gate else None
+        smear = SMEAR_GATES[cfg.smear_gate]
+        self.smear = smear(cfg) if smear is not None else None
         if cfg.ve_last:
             self.ve_emb = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
             nn.init.normal_(self.ve_emb.weight, std=0.02)
             self.ve_proj = CastedLinear(cfg.ve_dim, cfg.kv_heads * head_dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
-        self.n_encoder = cfg.layers // 2 if cfg.unet_skips else 0
+        self.max_passes = cfg.recur_loops if cfg.recur_start >= 0 else 0
+        self.passes = self.max_passes  # extra passes over the looped layers now running
         if cfg.unet_skips:
-            self.skip_weights = nn.Parameter(torch.ones(cfg.layers - self.n_encoder, cfg.dim))
+            n_skips = len(self.layer_order(self.max_passes)) // 2
+            self.skip_weights = nn.Parameter(torch.ones(n_skips, cfg.dim))
+            self.skip_gates = nn.Parameter(torch.zeros(n_skips, cfg.dim)) if cfg.skip_gates else None
         self.lm_head = None if cfg.tied_embed else CastedLinear(cfg.dim, cfg.vocab_size, zero_init=True)
+        if cfg.ortho_init:  # records' OrthoInit: hidden matrices orthogonal, zero-initialized projections left at 0
+            for m in self.modules():
+                if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight)
         angles = self._rope_angles(ROPE_TABLE_LEN)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.recurrence = False  # the trainer switches depth recurrence on after model.recur_after of training
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self, passes: int | None = None) -> list[int]:
+        """Physical layers in the order they run: with recurrence, [recur_start, recur_end] runs 1 + passes times."""
+        passes = self.passes if passes is None else passes
         order = list(range(self.cfg.layers))
-        if self.recurrence and self.cfg.recur_start >= 0:
+        if passes:
             s, e = self.cfg.recur_start, self.cfg.recur_end
-            order = order[:e + 1] + order[s:e + 1] + order[e + 1:]
+            order = order[:s] + order[s:e + 1] * (1 + passes) + order[e + 1:]
         return order
 
     def _rope_angles(self, T: int, device: torch.device | None = None) -> torch.Tensor:
@@ -257,20 +314,29 @@ class GPT(nn.Module):
         x = F.embedding(idx, self.tok_emb.weight.to(dt))
         if self.bigram is not None:
             x = x + self.bigram(idx).to(dt)
+        if isinstance(self.smear, BosSmear):
+            x = self.smear(x, idx)
         x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x)
+        if isinstance(self.smear, ChannelSmear):
+            x = self.smear(x, idx)
         x0 = x
         cos, sin = self._rope(idx.size(1), idx.device, x.dtype)
         ve = self.ve_proj(self.ve_emb(idx)) if self.cfg.ve_last else None
-        skips, seen = [], set()
-        for i in self.layer_order():
-            first = i not in seen
-            seen.add(i)
-            if first and self.n_encoder <= i and skips:
-                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
+        # U-Net over the running order (recurrent passes included): its first half pushes skips, which the
+        # second half pops in reverse, the k-th decoder position weighting (and, with gates, blending) the k-th
+        order = self.layer_order()
+        n_enc = len(order) // 2 if self.cfg.unet_skips else 0
+        skips = []
+        for j, i in enumerate(order):
+            if j >= n_enc and skips:
+                k = j - n_enc
+                skip = self.skip_weights[k].to(x.dtype) * skips.pop()
+                if self.skip_gates is not None:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
+                else:
+                    x = x + skip
             x = self.blocks[i](x, x0, cos, sin, ve)
-            if first and i < self.n_encoder:
+            if j < n_enc:
                 skips.append(x)
         return rms_norm(x)
 

@@ -6,19 +6,37 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig
+from .registry import Registry
+from .runtime import rank_world
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 renamed it
+
+# Newton-Schulz iterations X <- aX + (bA + cA^2)X, A = XX^T: per-step (a, b, c) for `steps` steps
+NS_COEFFS: Registry = Registry("train.ns_coeffs")
+NS_COEFFS.add("quintic", ((3.4445, -4.7750, 2.0315),))  # the same tuple every step
+# Polar Express: a minimax-tuned tuple per step (records 2026-04-23/27); steps beyond the table are not run
+NS_COEFFS.add("polar_express", (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+))
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalize each matrix of a (..., m, n) batch (quintic Newton-Schulz)."""
-    a, b, c = NS_COEFFS
+def ns_schedule(name: str, steps: int) -> list[tuple[float, float, float]]:
+    table = NS_COEFFS[name]
+    return [table[0]] * steps if len(table) == 1 else list(table[:steps])
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs: str = "quintic") -> torch.Tensor:
+    """Approximately orthogonalize each matrix of a (..., m, n) batch."""
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in ns_schedule(coeffs, steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
@@ -33,12 +51,10 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0,
-                 row_norm: bool = False, nesterov: bool = True):
+                 row_norm: bool = False, nesterov: bool = True, ns_coeffs: str = "quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
-                                      row_norm=row_norm, nesterov=nesterov))
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if distributed else 0
-        self.world = dist.get_world_size() if distributed else 1
+                                      row_norm=row_norm, nesterov=nesterov, ns_coeffs=ns_coeffs))
+        self.rank, self.world = rank_world()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -63,11 +79,11 @@ class Muon(torch.optim.Optimizer):
         G = torch.stack(rows)
         if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
             G = G / (G.norm(dim=-1, keepdim=True) + 1e-7)
-        U = newton_schulz(G, group["ns_steps"]).to(torch.float32)
+        U = newton_schulz(G, group["ns_steps"], group["ns_coeffs"]).to(torch.float32)
         U *= max(1.0, shape[0] / shape[1]) ** 0.5
         if self.world > 1:
             gathered = torch.empty((self.world * per_rank, *shape), device=U.device, dtype=U.dtype)
-            dist.all_gather_into_tensor(gathered, U)  # rank r's block holds matrices r, r+world, ...
+            _all_gather(gathered, U)  # rank r's block holds matrices r, r+world, ...
             updates = [gathered[(i % self.world) * per_rank + i // self.world] for i in range(len(params))]
         else:
             updates = list(U.unbind(0)[:len(params)])
@@ -85,14 +101,15 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     embeds = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     taken = {id(p) for p in matrices + embeds} | ({id(head.weight)} if head is not None else set())
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    adam_groups = [dict(params=embeds, lr=cfg.embed_lr), dict(params=scalars, lr=cfg.scalar_lr)]
+    adam_groups = [dict(params=embeds, lr=cfg.embed_lr, weight_decay=cfg.embed_wd),
+                   dict(params=scalars, lr=cfg.scalar_lr, weight_decay=cfg.adam_wd)]
     if head is not None:
-        adam_groups.append(dict(params=[head.weight], lr=cfg.head_lr))
+        adam_groups.append(dict(params=[head.weight], lr=cfg.head_lr, weight_decay=cfg.adam_wd))
     fused = next(model.parameters()).is_cuda
     opts = [
         Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps,
-             weight_decay=cfg.muon_wd, row_norm=cfg.muon_row_norm),
-        torch.optim.AdamW(adam_groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.adam_wd, fused=fused),
+             weight_decay=cfg.muon_wd, row_norm=cfg.muon_row_norm, ns_coeffs=cfg.ns_coeffs),
+        torch.optim.AdamW(adam_groups, betas=(0.9, cfg.adam_beta2), eps=1e-8, fused=fused),
     ]
     for opt in opts:
         for group in opt.param_groups:
@@ -106,12 +123,18 @@ def progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
     return max(by_steps, elapsed / cfg.max_seconds) if cfg.max_seconds > 0 else by_steps
 
 
-def lr_scale(step: int, elapsed: float, cfg: TrainConfig) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+def warmdown(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    """The cool-down factor: 1 until the last warmdown_frac of the run, then linear towards 0, never below
+    lr_floor. SWA and late QAT key off it (the warm-up is not part of it)."""
     left = 1.0 - progress(step, elapsed, cfg)
     if cfg.warmdown_frac <= 0 or left >= cfg.warmdown_frac:
-        return warm
-    return warm * (cfg.lr_floor + (1.0 - cfg.lr_floor) * max(left, 0.0) / cfg.warmdown_frac)
+        return 1.0
+    return max(max(left, 0.0) / cfg.warmdown_frac, cfg.lr_floor)
+
+
+def lr_scale(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * warmdown(step, elapsed, cfg)
 
 
 def muon_momentum(step: int, cfg: TrainConfig) -> float:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-
 from conftest import FINEWEB_TOKENIZER, make_docs
-from pgolf import data, fineweb
+
+from pgolf import caseops, corpus, data, fineweb
 from pgolf.errors import PgolfError
 
 
@@ -93,7 +93,7 @@ def test_jsonl_source_streams_files_and_splits_val_first(tmp_path, sp):
     assert list(data.iter_documents([str(tmp_path / "corpus")])) == docs
     out = tmp_path / "out"
     out.mkdir()
-    splits = data.tokenize_documents(data.iter_documents([str(tmp_path / "corpus")]), sp, out, val_docs=7, shard_tokens=500)
+    splits = corpus.tokenize_documents(data.iter_documents([str(tmp_path / "corpus")]), sp, out, val_docs=7, shard_tokens=500)
     assert splits["val"]["docs"] == 7 and splits["train"]["docs"] == 54
     assert len(splits["train"]["shards"]) > 1 and all(s["tokens"] <= 500 for s in splits["train"]["shards"])
     val = data.load_val_tokens(out)
@@ -111,10 +111,22 @@ def test_empty_corpus_and_missing_paths(tmp_path, sp):
     out = tmp_path / "o"
     out.mkdir()
     with pytest.raises(PgolfError, match="corpus is empty"):
-        data.tokenize_documents(data.iter_documents([str(tmp_path / "empty.jsonl")]), sp, out, 2, 100)
+        corpus.tokenize_documents(data.iter_documents([str(tmp_path / "empty.jsonl")]), sp, out, 2, 100)
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(PgolfError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         list(data.iter_documents([str(tmp_path / "bad.jsonl")]))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(PgolfError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        list(data.iter_documents([str(tmp_path / "latin1.jsonl")]))
+    whole = zstandard.ZstdCompressor().compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(2000)))
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(PgolfError, match=r"cut.jsonl.zst: truncated zstd stream"):
+        list(data.iter_documents([str(tmp_path / "cut.jsonl.zst")]))
+    with pytest.raises(PgolfError, match="corpus has no training text"):
+        data.train_tokenizer(iter([]), 320, tmp_path / "t.model", 1000)
+    with pytest.raises(PgolfError, match=r"tokenizer training failed on 1 lines .*data.vocab_size=320"):
+        data.train_tokenizer(iter(["one short line"]), 320, tmp_path / "t.model", 1000)
+    assert not (tmp_path / "t.model").exists()
 
 
 def test_builtin_corpus_is_deterministic():
@@ -140,18 +152,20 @@ def test_train_loader_gives_ranks_disjoint_spans_and_wraps(tmp_path):
     assert seen[5][1][-3:] == [0, 1, 2]  # inputs 187..199, then the wrap to token 0
 
 
-def make_remote(root, variant="sp1024", n_train=3, tokenizer=None):
-    d = root / "datasets" / "datasets" / f"fineweb10B_{variant}"
+def make_remote(root, variant="sp1024", n_train=3, tokenizer=None, upstream_layout=False):
+    """A FineWeb mirror laid out like the Hub repo, or like upstream's data/cached_challenge_fineweb.py leaves data/."""
+    top = root if upstream_layout else root / "datasets"
+    d = top / "datasets" / f"fineweb10B_{variant}"
     d.mkdir(parents=True)
     for i in range(n_train):
         data.write_shard(d / f"fineweb_train_{i:06d}.bin", np.full(50, i + 5, dtype=np.uint16))
     data.write_shard(d / "fineweb_val_000000.bin", np.array([1, 7, 8, 9] * 10, dtype=np.uint16))
-    (root / "datasets" / "tokenizers").mkdir()
-    shutil.copy(tokenizer, root / "datasets" / "tokenizers" / "fineweb_320_bpe.model")
+    (top / "tokenizers").mkdir()
+    shutil.copy(tokenizer, top / "tokenizers" / "fineweb_320_bpe.model")
     manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "sp_320",
                               "stats": {"files_train": n_train, "files_val": 1}}],
                 "tokenizers": [{"name": "sp_320", "model_path": "tokenizers/fineweb_320_bpe.model", "vocab_size": 320}]}
-    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    (top / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_fineweb_selection_against_a_local_mirror(tmp_path, tokenizer_path):
@@ -167,3 +181,74 @@ def test_fineweb_selection_against_a_local_mirror(tmp_path, tokenizer_path):
     corrupt(tmp_path / "remote/datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin", 0, 7)
     with pytest.raises(PgolfError, match="fineweb_train_000001.bin: bad shard magic"):
         fineweb.fetch("r", "sp1024", 2, tmp_path / "dl", mirror=str(tmp_path / "remote"))
+
+
+def test_fineweb_mirror_in_upstreams_downloader_layout(tmp_path, tokenizer_path):
+    make_remote(tmp_path / "data", tokenizer=tokenizer_path, upstream_layout=True)
+    assert (tmp_path / "data" / "manifest.json").exists()  # where cached_challenge_fineweb.py puts it
+    local, vocab = fineweb.fetch("willdepueoai/parameter-golf", "sp1024", 3, None, mirror=str(tmp_path / "data"))
+    assert vocab == 320 and len(local["train"]) == 3 and local["tokenizer"][0].name == "fineweb_320_bpe.model"
+    with pytest.raises(PgolfError, match=r"fineweb_train_000002.bin: not found in the mirror"):
+        (tmp_path / "data/datasets/fineweb10B_sp1024/fineweb_train_000002.bin").unlink()
+        fineweb.fetch("r", "sp1024", 3, None, mirror=str(tmp_path / "data"))
+
+
+def test_fineweb_downloads_the_planned_files_in_one_parallel_snapshot(tmp_path, tokenizer_path, monkeypatch):
+    make_remote(tmp_path / "hub", tokenizer=tokenizer_path)
+    calls = []
+
+    def snapshot_download(repo_id, repo_type, allow_patterns, max_workers, **where):
+        calls.append((repo_id, repo_type, sorted(allow_patterns), max_workers, where))
+        return str(tmp_path / "hub")
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    local, _ = fineweb.fetch("willdepueoai/parameter-golf", "sp1024", 2)
+    assert calls[0][2] == ["datasets/manifest.json"] and calls[0][4] == {}  # the Hugging Face cache
+    assert calls[1][2] == ["datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+                           "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+                           "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+                           "datasets/tokenizers/fineweb_320_bpe.model"]
+    assert calls[1][3] == fineweb.DOWNLOAD_WORKERS and len(local["train"]) == 2
+    fineweb.fetch("r", "sp1024", 1, str(tmp_path / "dl"))
+    assert calls[-1][4] == {"local_dir": str(tmp_path / "dl")}
+
+
+CASE_TEXTS = ["The NASA launch of McDonald's iPhone, eBay and OpenAI's GPT-4o in the U.S.A.",
+              "plain lowercase words", "ALLCAPS a Title x I Ab aB AbC", "escaped \ue001operators\ue004 \ue002 kept",
+              "non-ASCII: Éclair ÜBER naïve 東京 🙂", "", "A", "aB1Cd_eF"]
+
+
+def test_caseops_is_lossless_and_counts_the_original_bytes():
+    g = np.random.default_rng(0)
+    alphabet = list("aAbBzZ \n1_é東\ue001\ue002\ue003\ue004")
+    randoms = ["".join(g.choice(alphabet, size=int(g.integers(0, 40)))) for _ in range(300)]
+    for text in CASE_TEXTS + randoms:
+        encoded = caseops.encode(text)
+        assert caseops.decode(encoded) == text, text
+        assert int(caseops.original_bytes(encoded).sum()) == len(text.encode("utf-8")), text
+    assert caseops.encode("The NASA iPhone") == "\ue001the \ue002nasa i\ue003phone"
+
+
+def test_caseops_shards_count_bpb_on_original_bytes(tmp_path, sp, tokenizer_path):
+    docs = [d.replace("the", "The").replace("model", "MODEL") for d in make_docs(12, seed=3)]
+    plain, cased = tmp_path / "plain", tmp_path / "cased"
+    for out, on in ((plain, False), (cased, True)):
+        out.mkdir()
+        shutil.copy(tokenizer_path, out / "tokenizer.model")
+        corpus.tokenize_documents(iter(docs), sp, out, val_docs=5, shard_tokens=400, case_ops=on)
+    a, b = data.load_val(plain), data.load_val(cased)
+    assert data.shard_paths(cased, "val_bytes") and not data.shard_paths(plain, "val_bytes", required=False)
+    assert b.tokens.numel() != a.tokens.numel()  # the transformed text tokenizes differently ...
+    assert a.total_bytes == b.total_bytes == sum(len(d.encode()) for d in docs[:5])  # ... bytes are the original's
+
+
+def test_byte_counts_from_offsets_equal_the_table_when_the_transform_is_identity(sp):
+    """The sidecar path (bytes from each token's span of the text) and the byte-table path agree token by token
+    on untransformed text, so with an identity transform bpb is unchanged."""
+    table = data.byte_table(sp)
+    for doc in make_docs(20, seed=4) + CASE_TEXTS[:3]:
+        enc = sp.encode_as_offset_mapping(doc)
+        ids = torch.tensor([sp.bos_id(), *enc["ids"]])
+        from_table = table.count(ids[:-1], ids[1:]).numpy()
+        np.testing.assert_array_equal(caseops.token_bytes(doc, enc["offsets"]), from_table)
