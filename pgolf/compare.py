@@ -1,13 +1,10 @@
-"""A markdown table of DVC experiments: method, bits, bpb, gap, bytes, audit, sorted by bpb.
-
-    python -m pgolf.compare            # runs `dvc exp show --json` here
-    python -m pgolf.compare exps.json  # or reads its saved output
-"""
+"""A table of DVC experiments: bpb, bytes, headroom to the limit and audit, sorted by bpb; failures marked."""
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
+
+from .errors import PgolfError
 
 
 def _revs(show: list[dict]) -> Iterator[dict]:
@@ -17,56 +14,79 @@ def _revs(show: list[dict]) -> Iterator[dict]:
             yield from exp.get("revs", [])
 
 
+def _metrics(data: dict) -> dict[str, dict]:
+    return {path.split("/")[-2]: (m.get("data") or {}) for path, m in (data.get("metrics") or {}).items()}
+
+
 def rows(show: list[dict]) -> list[dict]:
+    """One row per experiment (and the baseline); a failed one keeps its error and no numbers."""
     out = []
     for rev in _revs(show):
         data = rev.get("data") or {}
-        params = data.get("params", {}).get("params.yaml", {}).get("data", {})
-        metrics = {path.split("/")[-2]: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
-        ev = metrics.get("eval", {})
+        name = rev.get("name") or data.get("name") or data.get("rev") or rev.get("rev")
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        quant = params.get("quant", {})
+        bits = quant.get("bits", {})
+        row = {"name": name, "method": quant.get("method"),
+               "bits": "/".join(str(bits.get(g, "?")) for g in ("attn", "mlp", "embed", "other")),
+               "error": None}
+        error = rev.get("error") or data.get("error")
+        if error:
+            row["error"] = (error.get("msg") or error.get("type") or "failed") if isinstance(error, dict) else str(error)
+            out.append(row)
+            continue
+        metrics = _metrics(data)
+        ev, audit = metrics.get("eval", {}), metrics.get("audit", {})
         if "val_bpb" not in ev:
             continue
-        quant, compress = params.get("quant", {}), metrics.get("compress", {})
-        bits = quant.get("bits", {})
-        out.append({
-            "name": rev.get("name") or data.get("rev") or rev.get("rev"),
-            "method": quant.get("method"),
-            "bits": "/".join(str(bits.get(g, "?")) for g in ("attn", "mlp", "embed", "other")),
-            "val_bpb": ev["val_bpb"], "quant_gap": ev.get("quant_gap"),
-            "model_bytes": compress.get("blob_bytes"), "total_bytes": metrics.get("audit", {}).get("total_bytes"),
-            "passed": metrics.get("audit", {}).get("passed"),
-            "quantize_s": metrics.get("quantize", {}).get("seconds"),
-        })
+        if audit.get("passed") is False:
+            row["error"] = "audit failed"
+        out.append(row | {"val_bpb": ev["val_bpb"], "quant_gap": ev.get("quant_gap"),
+                          "total_bytes": audit.get("total_bytes"), "headroom": audit.get("headroom"),
+                          "passed": audit.get("passed")})
     seen, unique = set(), []
-    for r in sorted(out, key=lambda r: (r["val_bpb"], str(r["name"]))):
-        key = (r["method"], r["bits"], r["val_bpb"], r["model_bytes"])
-        if key not in seen:  # the workspace repeats the last experiment
+    for r in sorted(out, key=lambda r: (r["error"] is not None, r.get("val_bpb", 0.0), str(r["name"]))):
+        key = (r["name"], r.get("val_bpb"), r.get("total_bytes"))
+        if key not in seen:  # the workspace can repeat the last experiment
             seen.add(key)
             unique.append(r)
     return unique
 
 
+COLUMNS = ("experiment", "val_bpb", "quant_gap", "total bytes", "headroom", "method", "bits a/m/e/o", "audit")
+
+
+def _cells(r: dict) -> list[str]:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    if r["error"] and "val_bpb" not in r:
+        return [str(r["name"]), "-", "-", "-", "-", str(r["method"]), r["bits"], f"FAILED: {r['error']}"]
+    audit = "pass" if r.get("passed") else "FAILED" if r.get("passed") is False else "-"
+    return [str(r["name"]), f"{r['val_bpb']:.5f}", fmt(r["quant_gap"], "+.5f"), fmt(r["total_bytes"], ","),
+            fmt(r["headroom"], ","), str(r["method"]), r["bits"], audit]
+
+
 def markdown(table: list[dict]) -> str:
-    lines = ["| experiment | method | bits attn/mlp/embed/other | val_bpb | quant_gap | model bytes | total bytes | audit | quantize s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        audit = {True: "pass", False: "FAIL", None: "-"}[r["passed"]]
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {r['val_bpb']:.5f} | {fmt(r['quant_gap'], '+.5f')} | "
-                     f"{fmt(r['model_bytes'], ',')} | {fmt(r['total_bytes'], ',')} | {audit} | {fmt(r['quantize_s'], '.2f')} |")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in table]
     return "\n".join(lines)
 
 
-def main() -> None:
-    if len(sys.argv) > 1:
-        show = json.load(open(sys.argv[1]))
-    else:
-        p = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(f"error: dvc exp show failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
-        show = json.loads(p.stdout)
-    print(markdown(rows(show)))
+def plain(table: list[dict]) -> str:
+    cells = [list(COLUMNS)] + [_cells(r) for r in table]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-if __name__ == "__main__":
-    main()
+def load_show(path: str | None) -> list[dict]:
+    """`dvc exp show --json` of this repo, or its saved output."""
+    if path:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise PgolfError(f"{path}: not the JSON `dvc exp show --json` writes ({type(e).__name__})") from None
+    p = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    if p.returncode:
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"status {p.returncode}"
+        raise PgolfError(f"dvc exp show failed: {last}")
+    return json.loads(p.stdout)

@@ -1,0 +1,58 @@
+"""The `pgolf` command: tools around the pipeline that `dvc repro` does not run."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import PgolfError
+
+
+def compare(args: argparse.Namespace) -> None:
+    from . import compare
+
+    table = compare.rows(compare.load_show(args.json))
+    print(compare.markdown(table) if args.format == "markdown" else compare.plain(table))
+
+
+def export(args: argparse.Namespace) -> None:
+    from . import export
+    from .config import load_params
+
+    script = export.export_run(load_params(args.params), Path(args.out))
+    print(f"{args.out}: train_gpt.py ({script.stat().st_size:,} bytes), final_model.blob, submission.json, README.md")
+
+
+def check(args: argparse.Namespace) -> None:
+    from .config import find_key, load_params
+
+    for key in args.key or []:
+        find_key(key)
+    load_params(args.params)
+    print(f"{args.params}: valid" + (f"; {', '.join(args.key)}: params" if args.key else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf as a DVC pipeline: tools beside "
+                                     "`dvc repro` (run them in the repository root).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compare", help="experiments as a table sorted by bpb, failed ones marked, headroom to the limit")
+    p.add_argument("json", nargs="?", help="saved output of `dvc exp show --json` (default: run it here)")
+    p.add_argument("--format", choices=("markdown", "plain"), default="markdown")
+    p.set_defaults(run=compare)
+    p = sub.add_parser("export", help="the run's submission folder (train_gpt.py, blob, submission.json, README, logs)")
+    p.add_argument("--out", default="artifacts/export", help="folder to write (default: artifacts/export)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(run=export)
+    p = sub.add_parser("check", help="check params.yaml: every key, range and choice")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--key", action="append", help="also check that this dotted key (as given to -S) is a param")
+    p.set_defaults(run=check)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except PgolfError as e:
+        sys.exit(f"error: pgolf {args.command}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The submission: one self-contained train_gpt.py and the records' folder around it.
+
+train_gpt.py holds, lzma-compressed and base85-encoded like the records' scripts, the source of every module
+`pgolf.submission` needs and the run's params. It unpacks the modules into a folder of the temp dir named by
+their hash (Triton compiles kernels from source files) and imports them from there, so it runs where pgolf is
+not installed. Its size is the run's code bytes: the audit counts it, and quantize fits the model to what the
+limit leaves (`model_budget`).
+"""
+
+import base64
+import dataclasses
+import datetime
+import json
+import lzma
+import shutil
+from pathlib import Path
+
+from . import deps, paths
+from .config import Params
+from .io import atomic_dir, read_json
+
+ENTRY = "pgolf.submission"
+LAUNCHER = '''\
+# pgolf submission: the training, quantization and evaluation code and this run's params (lzma + base85).
+# torchrun --standalone --nproc_per_node=8 train_gpt.py    |    python train_gpt.py eval final_model.blob
+import base64,hashlib,json,lzma,os,shutil,sys,tempfile
+B=base64.b85decode("%s")
+S=json.loads(lzma.decompress(B))
+D=os.path.join(tempfile.gettempdir(),"pgolf-"+hashlib.sha256(B).hexdigest()[:16])
+if not os.path.isdir(D):
+ T=tempfile.mkdtemp()
+ for n,src in S["modules"].items():
+  f=os.path.join(T,*n.split("."))+("/__init__.py" if n=="pgolf" else ".py")
+  os.makedirs(os.path.dirname(f),exist_ok=True)
+  with open(f,"w") as o:o.write(src)
+ try:os.rename(T,D)
+ except OSError:shutil.rmtree(T)
+sys.path.insert(0,D)
+from pgolf.errors import PgolfError
+from pgolf.submission import main
+try:main(S["params"],os.path.getsize(__file__))
+except PgolfError as e:sys.exit("error: %%s"%%e)
+'''
+
+
+def embedded_modules(root: Path = deps.ROOT) -> dict[str, str]:
+    """Module name -> source, for everything the submission imports."""
+    out = {}
+    for path in deps.closure(ENTRY, root):
+        name = ".".join(path.with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = (root / path).read_text()
+    return out
+
+
+def script(params: Params, root: Path = deps.ROOT) -> bytes:
+    """train_gpt.py for a run with these params; the same inputs give the same bytes."""
+    payload = json.dumps({"modules": embedded_modules(root), "params": dataclasses.asdict(params)},
+                         sort_keys=True, separators=(",", ":")).encode()
+    packed = base64.b85encode(lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)).decode()
+    return (LAUNCHER % packed).encode()
+
+
+def script_bytes(params: Params) -> int:
+    """The run's code bytes: the size of its train_gpt.py."""
+    return len(script(params))
+
+
+def model_budget(params: Params) -> int | None:
+    """quant.target_bytes resolved: `auto` = audit.limit_bytes - code bytes - quant.target_margin."""
+    t = params.quant.target_bytes
+    if t == "auto":
+        return params.audit.limit_bytes - script_bytes(params) - params.quant.target_margin
+    return t
+
+
+TECHNIQUES = [  # (what is on, how to say it)
+    (lambda p: p.model.recur_start >= 0, lambda p: f"depth recurrence: layers {p.model.recur_start}-{p.model.recur_end} "
+                                                   f"run {1 + p.model.recur_loops}x"),
+    (lambda p: p.model.parallel_from >= 0, lambda p: f"parallel residuals from layer {p.model.parallel_from}"),
+    (lambda p: p.model.unet_skips, lambda p: "U-Net skips" + (" with sigmoid gates" if p.model.skip_gates else "")),
+    (lambda p: p.model.xsa_last > 0, lambda p: f"XSA on the last {p.model.xsa_last} layers"),
+    (lambda p: p.model.sparse_gate, lambda p: f"SparseAttnGate (window {p.model.gate_window})"),
+    (lambda p: p.model.head_gate, lambda p: "gated attention"),
+    (lambda p: p.model.smear_gate != "off", lambda p: f"SmearGate ({p.model.smear_gate})"),
+    (lambda p: p.model.bigram_buckets > 0, lambda p: f"BigramHash({p.model.bigram_buckets})"),
+    (lambda p: p.model.ve_last > 0, lambda p: f"value embeddings on the last {p.model.ve_last} layers"),
+    (lambda p: p.model.ortho_init, lambda p: "OrthoInit"),
+    (lambda p: p.train.muon_row_norm, lambda p: "MuonEq-R"),
+    (lambda p: p.train.ns_coeffs != "quintic", lambda p: f"Newton-Schulz coefficients: {p.train.ns_coeffs}"),
+    (lambda p: p.train.qat_threshold > 0, lambda p: f"late QAT int{p.train.qat_bits}"),
+    (lambda p: p.train.swa, lambda p: "SWA"),
+    (lambda p: True, lambda p: f"quantization: {p.quant.method}" + (f" ({p.quant.clip_rule} scales)"
+                                                                    if p.quant.method == "gptq" else "")),
+    (lambda p: p.quant.lqer_rank > 0, lambda p: f"LQER rank {p.quant.lqer_rank} on {p.quant.lqer_tensors} tensors"),
+    (lambda p: p.data.caseops, lambda p: "CaseOps"),
+    (lambda p: p.eval.mode != "sliding" or p.eval.stride, lambda p: f"eval: {p.eval.mode}"
+                                                                    + (f", stride {p.eval.stride}" if p.eval.stride else "")),
+]
+
+
+def techniques(params: Params) -> list[str]:
+    return [say(params) for on, say in TECHNIQUES if on(params)]
+
+
+def submission_json(params: Params, metrics: dict[str, dict], audit: dict) -> dict:
+    ev, train = metrics["eval"], metrics["train"]
+    return {
+        "author": params.export.author, "github_id": params.export.github_id, "name": params.export.name,
+        "blurb": "; ".join(techniques(params)),
+        "date": datetime.date.today().isoformat(), "track": "10min_16mb",
+        "val_bpb": ev["val_bpb"], "val_loss": ev["val_loss"],
+        "bytes_total": audit["total_bytes"], "bytes_code": audit["code_bytes"], "bytes_model": audit["model_bytes"],
+        "hardware": audit["train_hardware"],
+        "train_seconds": train["train_seconds"], "eval_seconds": ev["eval_seconds"], "steps": train["steps"],
+        "ms_per_step": train["ms_per_step"], "audit_passed": audit["passed"],
+    }
+
+
+def readme(params: Params, sub: dict, metrics: dict[str, dict], audit: dict) -> str:
+    ev = metrics["eval"]
+    lines = [f"# {sub['name']}", "",
+             f"**val_bpb: {ev['val_bpb']:.6f}** | {sub['bytes_total']:,} bytes ({sub['bytes_code']:,} code + "
+             f"{sub['bytes_model']:,} model) | {sub['hardware']}", "",
+             "## Results", "", "| metric | value |", "|---|---|"]
+    for key, value in [("pre-quantization val_bpb", metrics["ema"]["prequant_val_bpb"]), ("val_bpb", ev["val_bpb"]),
+                       ("val_loss", ev["val_loss"]), ("quant gap", ev.get("quant_gap")),
+                       ("steps", metrics["train"]["steps"]), ("train seconds", metrics["train"]["train_seconds"]),
+                       ("calibration seconds", metrics["calibrate"]["seconds"]),
+                       ("eval seconds", ev["eval_seconds"]), ("audit", "passed" if audit["passed"] else "FAILED")]:
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "## Techniques", ""] + [f"- {t}" for t in techniques(params)]
+    lines += ["", "## Run", "", "```bash", "torchrun --standalone --nproc_per_node=8 train_gpt.py", "```", "",
+              "Data in the challenge's layout (`data/cached_challenge_fineweb.py`), or `DATA_PATH` / `TOKENIZER_PATH`. "
+              "`python train_gpt.py eval final_model.blob` scores the included blob.", "",
+              "## Params", "", "```json", json.dumps(dataclasses.asdict(params), indent=1, sort_keys=True), "```", ""]
+    if audit["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in audit["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def write(out: Path, params: Params, metrics: dict[str, dict], audit: dict, blob: Path, logs: list[Path]) -> None:
+    """Fill `out` with the submission folder: train_gpt.py, the blob, submission.json, README.md and the logs."""
+    (out / "train_gpt.py").write_bytes(script(params))
+    shutil.copyfile(blob, out / "final_model.blob")
+    sub = submission_json(params, metrics, audit)
+    (out / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
+    (out / "README.md").write_text(readme(params, sub, metrics, audit))
+    for log in logs:
+        if log.is_file():
+            shutil.copyfile(log, out / log.name)
+
+
+def export_run(params: Params, out: Path) -> Path:
+    """The submission folder for the run in artifacts/ (after eval and audit)."""
+    metrics = {s: read_json(paths.metrics(s)) for s in ("train", "ema", "calibrate", "eval")}
+    with atomic_dir(out) as tmp:
+        write(tmp, params, metrics, read_json(paths.AUDIT), paths.BLOB, [paths.TRAIN_LOG, paths.EVAL_LOG])
+    return out / "train_gpt.py"

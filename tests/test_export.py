@@ -1,0 +1,81 @@
+"""The exported submission: one self-contained train_gpt.py that scores the blob like the eval stage, and trains."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+from conftest import run
+from test_reliability import stage_dir
+
+from pgolf import export
+from pgolf.config import load_params
+
+# Runs train_gpt.py under `python -S` with only the installed packages on the path: none of the .pth files that make
+# this repository's pgolf importable, so the script has nothing but what it carries.
+ISOLATED = """
+import sys
+sys.path.append(%r)
+try:
+    import pgolf
+    raise SystemExit("pgolf is importable before the script runs")
+except ImportError:
+    pass
+sys.argv = ["train_gpt.py", *sys.argv[1:]]
+exec(compile(open("train_gpt.py").read(), "train_gpt.py", "exec"), {"__name__": "__main__", "__file__": "train_gpt.py"})
+""" % sysconfig.get_paths()["purelib"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = stage_dir(tmp_path_factory.mktemp("export"), "run", {"iterations": 6})
+    for stage in ("train", "ema", "calibrate", "quantize", "compress", "eval", "audit", "export"):
+        run([sys.executable, "-m", f"stages.{stage}"], d)
+    return d
+
+
+def isolated(args: list[str], cwd, data) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"DATA_PATH": str(data), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-S", "-c", ISOLATED, *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_the_exported_script_scores_the_blob_like_the_eval_stage_where_pgolf_is_not_installed(exported, tmp_path):
+    folder = tmp_path / "submission"
+    shutil.copytree(exported / "artifacts" / "export", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "eval.log", "final_model.blob", "submission.json",
+                                                        "train.log", "train_gpt.py"]
+    p = isolated(["eval", "final_model.blob"], folder, exported / "artifacts/tokenize/data")
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = float(re.search(r"final val_bpb (\S+)", p.stdout).group(1))
+    want = json.loads((exported / "artifacts/eval/metrics.json").read_text())["val_bpb"]
+    assert abs(got - want) <= 1e-6
+    sub = json.loads((folder / "submission.json").read_text())
+    audit = json.loads((exported / "artifacts/audit/audit.json").read_text())
+    assert sub["val_bpb"] == want and sub["bytes_code"] == (folder / "train_gpt.py").stat().st_size == audit["code_bytes"]
+    assert sub["bytes_total"] == sub["bytes_code"] + sub["bytes_model"] == audit["total_bytes"]
+    assert {"name", "author", "github_id", "date", "hardware", "val_loss", "blurb"} <= set(sub)
+    assert f"{want:.6f}" in (folder / "README.md").read_text()
+
+
+def test_the_exported_script_is_deterministic_and_smaller_than_its_sources(exported):
+    params = load_params(exported / "params.yaml")
+    a, b = export.script(params), export.script(params)
+    assert a == b == (exported / "artifacts/export/train_gpt.py").read_bytes()
+    sources = sum(len(text.encode()) for text in export.embedded_modules().values())
+    assert len(a) < 0.45 * sources
+    assert set(export.embedded_modules()) >= {"pgolf", "pgolf.submission", "pgolf.train", "pgolf.quant", "pgolf.pack"}
+    assert not {"pgolf.export", "pgolf.deps", "pgolf.cli", "pgolf.corpus", "pgolf.fineweb"} & set(export.embedded_modules())
+
+
+def test_the_exported_script_trains_quantizes_and_scores_on_its_own(exported, tmp_path):
+    shutil.copy(exported / "artifacts/export/train_gpt.py", tmp_path / "train_gpt.py")
+    p = isolated([], tmp_path, exported / "artifacts/tokenize/data")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "train: 6 steps" in p.stdout and re.search(r"quantize: gptq, [\d,]+ model bytes", p.stdout)
+    assert re.search(r"final val_bpb \d\.\d{8}", p.stdout) and (tmp_path / "final_model.blob").stat().st_size > 1000
+    bad = isolated(["evaluate"], tmp_path, exported / "artifacts/tokenize/data")
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: usage: train_gpt.py [eval BLOB]; got evaluate"
