@@ -1,42 +1,39 @@
-"""audit: artifacts/audit/audit.json: size, time and legality of the run; fails the pipeline if strict."""
+"""audit: size, time, coverage and legality of the run -> artifacts/audit/audit.json; fails the pipeline if strict.
+
+The code bytes are those of the train_gpt.py the export stage writes for this run (the same function counts them).
+"""
 
 import sys
-from pathlib import Path
 
-from pgolf import audit, stage
+from pgolf import audit, export, paths, stage
 from pgolf.config import load_params
 from pgolf.io import read_json, write_json
-
-OUT = stage.ARTIFACTS / "audit" / "audit.json"
 
 
 def main() -> dict:
     params = load_params()
-    m = {s: read_json(stage.ARTIFACTS / s / "metrics.json") for s in ("train", "calibrate", "compress", "eval")}
-    files = audit.code_files(Path("."))
+    m = {s: read_json(paths.metrics(s)) for s in ("train", "calibrate", "eval")}
+    run, ev = read_json(paths.TRAIN_RUN), read_json(paths.EVAL_EVIDENCE)
     evidence = audit.Evidence(
-        code_bytes=sum(f.stat().st_size for f in files),
-        model_bytes=(stage.ARTIFACTS / "compress" / "model.blob").stat().st_size,
-        train_seconds=m["train"]["train_seconds"],
-        calibration_seconds=m["calibrate"]["seconds"],
-        calibration_source=m["calibrate"]["source"],
-        eval_seconds=m["eval"]["eval_seconds"],
-        train_hardware=audit.hardware(m["train"]["gpu"], m["train"]["gpu_count"]),
-        eval_hardware=audit.hardware(m["eval"]["gpu"], m["eval"]["gpu_count"]),
-        val_tokens_trained_before_scored=m["eval"]["val_tokens_trained_before_scored"],
-        ttt_enabled=m["eval"]["ttt"] != "off",
-        eval_inputs=m["eval"]["inputs"],
-    )
-    report = audit.check(evidence, params.audit) | {"code_files": [str(f) for f in files]}
-    write_json(OUT, report)
+        code_bytes=export.script_bytes(params), model_bytes=paths.BLOB.stat().st_size,
+        train_seconds=m["train"]["train_seconds"], calibration_seconds=m["calibrate"]["seconds"],
+        calibration_reads_training_data=m["calibrate"]["reads_training_data"], eval_seconds=m["eval"]["eval_seconds"],
+        train_hardware=audit.hardware(run["gpu"], run["gpu_count"]), eval_hardware=audit.hardware(ev["gpu"], ev["gpu_count"]),
+        val_bpb=m["eval"]["val_bpb"], targets=ev["targets"], targets_expected=ev["targets_expected"],
+        bytes=ev["bytes"], bytes_expected=ev["bytes_expected"],
+        val_tokens_trained_before_scored=ev["val_tokens_trained_before_scored"], ttt=ev["ttt"], eval_inputs=ev["inputs"])
+    report = audit.check(evidence, params.audit)
+    write_json(paths.AUDIT, report)
+    write_json(paths.POINT, [{"total_bytes": report["total_bytes"], "val_bpb": report["val_bpb"]}])
     for line in report["failures"]:
         print(f"audit: FAIL {line}", file=sys.stderr)
     for line in report["notes"]:
         print(f"audit: note {line}")
-    print(f"audit: {'passed' if report['passed'] else 'FAILED'}: {report['total_bytes']:,} of {report['limit_bytes']:,} bytes")
+    print(audit.summary(report))
     if params.audit.strict and not report["passed"]:
         sys.exit(1)
-    return {"passed": report["passed"], "total_bytes": report["total_bytes"]}
+    return {"total_bytes": report["total_bytes"], "headroom": report["headroom_bytes"], "code_bytes": report["code_bytes"],
+            "passed": report["passed"]}
 
 
 if __name__ == "__main__":

@@ -1,34 +1,37 @@
 """compress: quantized tensors -> artifacts/compress/model.blob (the model bytes that count)."""
 
 import hashlib
+import time
 
-import torch
-
-from pgolf import pack, stage
-from pgolf.checkpoint import load_tensors
+from pgolf import pack, paths, quant, stage
 from pgolf.config import load_params
-from pgolf.io import write_bytes
-from pgolf.quant import QuantResult, Quantized
-from stages.quantize import OUT as QUANTIZED
-
-OUT = stage.ARTIFACTS / "compress" / "model.blob"
-
-
-def load_result(tensors: dict[str, torch.Tensor], meta: dict) -> QuantResult:
-    quantized = {name: Quantized(tensors[f"{name}.codes"], tensors[f"{name}.scale"], bits)
-                 for name, bits in meta["bits"].items()}
-    floats = {k.removesuffix(".fp16"): v for k, v in tensors.items() if k.endswith(".fp16")}
-    return QuantResult(quantized, floats, {})
+from pgolf.io import write_bytes, write_json
 
 
 def main() -> dict:
     cfg = load_params().compress
-    tensors, meta = load_tensors(QUANTIZED)
-    blob, sizes = pack.pack(load_result(tensors, meta), {"config": meta["config"]}, cfg.codec, cfg.layout)
-    write_bytes(OUT, blob)
-    best = min(sizes, key=sizes.get)
-    return {"blob_bytes": len(blob), "blob_sha256": hashlib.sha256(blob).hexdigest(), "codec": best.split("_")[0],
-            "layout": best.split("_")[1], **{f"bytes_{k}": v for k, v in sizes.items()}}
+    result, meta = quant.load_quantized(paths.QUANTIZED)
+    t0 = time.perf_counter()
+    # quantize's plan, where it sized the blob with one (its trials ran on the same tensors at the configured clip)
+    plan = meta.pop("plan", None) or pack.plan_streams(result, cfg.codec, cfg.layout)
+    blob, report = pack.pack(result, meta, plan)
+    seconds = time.perf_counter() - t0
+    write_bytes(paths.BLOB, blob)
+    write_json(paths.BLOB_INFO, {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "streams": report,
+                                 "plan": plan})
+    codes = {n: e for n, e in plan.items() if n.startswith("codes.")}
+    estimates: dict[str, int] = {}  # each codec's size on the code streams, with its better layout
+    for entry in codes.values():
+        best: dict[str, int] = {}
+        for trial, size in entry["trials"].items():
+            codec = trial.split("_")[0]
+            best[codec] = min(best.get(codec, size), size)
+        for codec, size in best.items():
+            estimates[codec] = estimates.get(codec, 0) + size
+    return {"blob_bytes": len(blob), "seconds": round(seconds, 3),
+            "codes_bytes": sum(report[n]["packed"] for n in codes),
+            "codes_entropy_bytes": round(sum(pack.group_entropy(result).values())),
+            **{f"codes_bytes_est_{c}": v for c, v in sorted(estimates.items())}}
 
 
 if __name__ == "__main__":

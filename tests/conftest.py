@@ -70,6 +70,8 @@ def pipeline_repo(tmp: Path, params_patch: dict) -> Path:
     (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline"], repo)
     return repo
@@ -94,6 +96,6 @@ def read_metrics(repo: Path, stage: str) -> dict:
 # Demo-pipeline settings small enough for a test: a few seconds of training.
 FAST_PIPELINE = {
     "train": {"iterations": 12, "batch_tokens": 4096, "micro_batch_tokens": 4096, "log_every": 4,
-              "warmup_steps": 2, "checkpoint_every_s": 0},
+              "warmup_steps": 2, "checkpoint_every_s": 0, "val_every": 6},
     "calibrate": {"num_seqs": 16},
 }

@@ -1,12 +1,18 @@
 """The real pipeline through real DVC, in a temporary git repository."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
+from conftest import FAST_PIPELINE, ROOT, pipeline_repo, read_metrics, run
 
-from conftest import FAST_PIPELINE, pipeline_repo, read_metrics, run
 from pgolf.data import read_shard, shard_paths
 from pgolf.io import sha256_file
+
+TRAIN_SKIPPED = ("Stage 'train' didn't change, skipping", "Stage 'train' is cached - skipping run")
 
 
 def test_dvc_repro_tokenize(tmp_path):
@@ -35,12 +41,19 @@ def exp_rows(repo) -> dict:
     return found
 
 
-def test_whole_pipeline_then_experiments_rerun_only_what_changed(tmp_path):
-    repo = pipeline_repo(tmp_path, FAST_PIPELINE)
+def test_whole_pipeline_fits_the_budget_then_experiments_rerun_only_what_changed(tmp_path):
+    # a limit below the demo's natural size (~290 kB) and a 20 s training budget the cap is set to
+    budget = {"audit": {"limit_bytes": 250_000, "train_budget_s": 20},
+              "train": FAST_PIPELINE["train"] | {"iterations": 10**6, "max_seconds": 20, "calibration_reserve_s": 2}}
+    repo = pipeline_repo(tmp_path, FAST_PIPELINE | budget)
     out = run(["dvc", "repro"], repo).stdout
-    assert "audit: passed" in out
+    assert "audit passed" in out and "val_bpb " in out
     audit = json.loads((repo / "artifacts" / "audit" / "audit.json").read_text())
-    assert audit["passed"] and audit["total_bytes"] == audit["code_bytes"] + audit["model_bytes"] < 16_000_000
+    assert audit["passed"] and audit["total_bytes"] == audit["code_bytes"] + audit["model_bytes"] <= 250_000
+    assert audit["train_seconds_counted"] <= 20 < audit["train_seconds"] + 2.5
+    q = read_metrics(repo, "quantize")
+    assert q["unfitted_bytes_est"] > q["target_bytes"] >= q["fitted_bytes"] == audit["model_bytes"] and q["clip_offset"] > 0
+    assert audit["code_bytes"] == (repo / "artifacts" / "export" / "train_gpt.py").stat().st_size
     base = read_metrics(repo, "eval")
     assert base["quant_gap"] == round(base["val_bpb_plain"] - read_metrics(repo, "ema")["prequant_val_bpb"], 6)
     run(["git", "add", "-A"], repo)
@@ -53,7 +66,7 @@ def test_whole_pipeline_then_experiments_rerun_only_what_changed(tmp_path):
     log = run(["dvc", "exp", "run", "-n", "rtn", "-S", "quant.method=rtn"], repo).stdout
     for stage in ("tokenize", "train", "ema", "calibrate"):
         assert f"Stage '{stage}' didn't change, skipping" in log, log
-    for stage in ("quantize", "compress", "eval", "audit"):
+    for stage in ("quantize", "compress", "eval", "audit", "export"):
         assert f"Running stage '{stage}'" in log, log
     assert [sha256_file(p) for p in kept] == before and [p.stat().st_mtime_ns for p in kept] == stamps
 
@@ -65,11 +78,53 @@ def test_whole_pipeline_then_experiments_rerun_only_what_changed(tmp_path):
     rows = exp_rows(repo)
     assert rows["rtn"][0]["quant"]["method"] == "rtn" and rows["rtn"][1]["val_bpb"] != base["val_bpb"]
     assert rows["sliding"][0]["eval"]["stride"] == 32 and rows["sliding"][1]["val_bpb"] != rows["rtn"][1]["val_bpb"]
-    assert rows["sliding"][1]["tokens"] == rows["rtn"][1]["tokens"]  # same targets, more context
 
-    table = run(["python", "-m", "pgolf.compare"], repo).stdout
-    assert table.count("\n") >= 4 and "| rtn | rtn |" in table and "| sliding | rtn |" in table
-    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
-    assert '"loss"' in plots and '"bpb_vs_bytes"' in plots
-    loss = np.loadtxt(repo / "artifacts/train/live/plots/metrics/train_loss.tsv", skiprows=1)
-    assert loss.shape[0] >= 3 and loss[-1, 0] == FAST_PIPELINE["train"]["iterations"]
+    # an experiment in a temporary workspace restores the trained model from the cache instead of training
+    log = run(["dvc", "exp", "run", "--temp", "-n", "tmp-sd", "-S", "quant.method=sdclip"], repo).stdout
+    assert any(s in log for s in TRAIN_SKIPPED), log
+    # ... and so does a queued one (run by DVC's queue worker in a workspace of its own); one of two fails
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-cs", "-S", "quant.method=clip_search"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "broken", "-S", "audit.limit_bytes=1000"], repo)
+    run(["dvc", "queue", "start"], repo)
+    deadline = time.time() + 600
+    while time.time() < deadline and "Queued" in (status := run(["dvc", "queue", "status"], repo).stdout) \
+            or "Running" in status:
+        time.sleep(2)
+    assert "Success" in status and "Failed" in status, status
+    log = run(["dvc", "queue", "logs", "queued-cs"], repo).stdout
+    assert any(s in log for s in TRAIN_SKIPPED) and "Running stage 'quantize'" in log, log
+    assert "quant.target_bytes" in run(["dvc", "queue", "logs", "broken"], repo).stdout
+    run(["dvc", "queue", "stop"], repo, check=False)
+
+    # the failed experiment is shown failed; the rest sorted by bpb with their headroom to the limit
+    table = run(["pgolf", "compare"], repo).stdout
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "experiment" not in line]
+    names = [line.split("|")[1].strip() for line in lines]
+    assert {"rtn", "sliding", "tmp-sd", "queued-cs"} <= set(names), table
+    bpbs = [float(line.split("|")[2]) for line in lines if "FAILED" not in line]
+    assert bpbs == sorted(bpbs)
+    assert "FAILED" in table.splitlines()[-1] and "broken" in table.splitlines()[-1]
+
+    # the README's `dvc exp show` fits 120 columns with the score first
+    show = readme_command("dvc exp show")
+    out = subprocess.run(show, shell=True, cwd=repo, capture_output=True, text=True, env=shell_env(COLUMNS="120")).stdout
+    header = next(line for line in out.splitlines() if "val_bpb" in line)
+    assert max(map(len, out.splitlines())) <= 120 and "rtn" in out, out
+    assert header.split()[:3] == ["Experiment", "val_bpb", "total_bytes"] and "quant.method" in header, out
+
+    # plots: the loss once, val bpb over steps, bpb against total bytes with the limit drawn
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    assert sorted(plots) == ["bpb_vs_total_bytes", "train_loss", "val_bpb"], list(plots)
+    spec = json.dumps(plots["bpb_vs_total_bytes"])
+    assert "16000000" in spec and "total_bytes" in spec
+    loss = np.loadtxt(repo / "artifacts/train/plots/loss.tsv", skiprows=1)
+    assert loss.shape[0] >= 3 and (np.diff(loss[:, 0]) > 0).all()
+
+
+def readme_command(prefix: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return next(line for line in readme.splitlines() if line.startswith(prefix)).split("  #")[0]
+
+
+def shell_env(**extra) -> dict:
+    return {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra}
