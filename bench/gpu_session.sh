@@ -1,49 +1,66 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels, run the challenge preset on the docs corpus through
-# `dvc repro` (train capped at $TRAIN_S seconds), then a quantizer sweep with `dvc exp run`.
-# Usage on the device: bash bench/gpu_session.sh   (expects .whl/ and .carry/docs.jsonl.zst)
+# One device call: a preset on the carried docs corpus through `dvc repro` (train capped at TRAIN_S seconds), then
+# quantizer points on the same checkpoint with `dvc exp run`, each at the baseline's byte target and timed.
+# Prints the stage times, the audit line and one table (pgolf compare); writes $OUT/session.json.
+#   PRESET=challenge TRAIN_S=120 SWEEP="gptq_cs:quant.method=gptq,quant.clip_rule=clip_search ..." bash bench/gpu_session.sh
+# Expects .whl/ (dvc and what the image lacks) and .carry/docs.jsonl.zst. Stops starting points at BUDGET_S.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-TRAIN_S=${TRAIN_S:-120}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PATH=/tmp/bin:/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 START=$(date +%s)
-mkdir -p /tmp/bin && rm -f /tmp/bin/python && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PRESET=${PRESET:-challenge}; TRAIN_S=${TRAIN_S:-120}; BUDGET_S=${BUDGET_S:-540}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/bin:/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
+printf '#!/bin/sh\nexec python3 -m pgolf.cli "$@"\n' > /tmp/bin/pgolf && chmod +x /tmp/bin/pgolf
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
-[ -d .git ] || git init -q
-mkdir -p .git/info && printf '/.whl/\n/.carry/\n' >> .git/info/exclude
-git add -A >/dev/null && git -c user.email=d@d -c user.name=d commit -qm device >/dev/null
-git config user.email d@d; git config user.name d
-[ -d .dvc ] || dvc init -q
-cp presets/challenge.yaml params.yaml
-python3 - "$TRAIN_S" <<'PY'
+git init -q 2>/dev/null; git config user.email d@d; git config user.name d
+printf '/.whl/\n/.carry/\n' >> .git/info/exclude
+cp "presets/$PRESET.yaml" params.yaml
+python3 - "$PRESET" "$TRAIN_S" <<'PY'
 import sys, yaml
+preset, train_s = sys.argv[1], float(sys.argv[2])
 p = yaml.safe_load(open("params.yaml"))
-p["data"] = {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "vocab_size": 1024, "val_docs": 150,
-             "tokenizer_train_chars": 20_000_000, "shard_tokens": 20_000_000}
-p["train"]["max_seconds"] = float(sys.argv[1])
-p["train"]["checkpoint_every_s"] = 0
-p["train"]["compile_warmup_steps"] = 12
-p["compress"] = {"codec": "lzma", "layout": "int8"}  # one codec keeps each sweep point short
-p["train"]["qat_threshold"] = float(__import__("os").environ.get("QAT", p["train"]["qat_threshold"]))
-p["eval"]["stride"] = int(__import__("os").environ.get("STRIDE", p["eval"]["stride"]))
-p["audit"]["strict"] = __import__("os").environ.get("STRICT", "true") == "true"  # false: over-size points still land as experiments
+p["data"] |= {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "val_docs": 150, "shard_tokens": 20_000_000,
+              "tokenizer_train_chars": 20_000_000}
+if preset == "challenge":
+    p["data"] |= {"vocab_size": 1024}
+p["train"] |= {"max_seconds": train_s, "checkpoint_every_s": 0, "compile_warmup_steps": 12}
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
-git add -A >/dev/null; git commit -qm "device params" >/dev/null
+git add -A >/dev/null && git commit -qm "$PRESET on the docs corpus" >/dev/null
 t0=$(date +%s)
-dvc repro 2>&1 | grep -v "it/s]\|win/s]\|batch/s]" | tee "$OUT/repro.log" | grep -v "^step [0-9]*[1-9]00 " ; rc=${PIPESTATUS[0]}
-echo "dvc repro rc=$rc in $(( $(date +%s) - t0 ))s"
-for s in tokenize train ema calibrate quantize compress eval audit; do echo "== $s"; cat artifacts/$s/metrics.json 2>/dev/null | tr -d '\n '; echo; done | tee "$OUT/metrics.txt"
+dvc repro 2>&1 | grep -v "it/s]\|win/s]\|batch/s]" | tee "$OUT/repro.log" | grep -v "^step [0-9]*[1-9][0-9] \|^WARNING"
+echo "dvc repro took $(( $(date +%s) - t0 ))s"
+for s in tokenize train ema calibrate quantize compress eval audit; do
+  printf '%-9s ' "$s"; python3 -c "import json,sys; m=json.load(open('artifacts/$s/metrics.json')); m.pop('k', None); print(json.dumps(m))" 2>/dev/null || echo "-"
+done | tee "$OUT/stages.txt"
+cat artifacts/train/run.json artifacts/compress/model.json 2>/dev/null | python3 -c "import sys; print(sys.stdin.read()[:3000])"
 git add -A >/dev/null; git commit -qm baseline >/dev/null
-# each point names all it changes: `dvc exp run` leaves its params in the workspace
-B6="-S quant.bits.attn=6 -S quant.bits.mlp=6"
-for exp in "quant.method=rtn $B6" "quant.method=clip_search $B6" "quant.method=sdclip $B6" "quant.method=gptq -S quant.bits.attn=5 -S quant.bits.mlp=5"; do
-  t1=$(date +%s)
-  [ $(( t1 - START )) -lt ${SWEEP_UNTIL_S:-470} ] || { echo "skipping [$exp]: out of time"; continue; }
-  dvc exp run -S $exp 2>&1 | grep -E "Running stage|didn't change|skipping|ERROR|audit:" | tr '\n' ';'
-  echo; echo "exp [$exp] took $(( $(date +%s) - t1 ))s" | tee -a "$OUT/sweep.log"
+TARGET=$(python3 -c "import json; print(json.load(open('artifacts/quantize/metrics.json'))['target_bytes'])")
+echo "sweep at quant.target_bytes=$TARGET"
+: > "$OUT/sweep.txt"
+for point in ${SWEEP:-}; do
+  name=${point%%:*}; sets=${point#*:}
+  [ $(( $(date +%s) - START )) -lt "$BUDGET_S" ] || { echo "skipped $name: out of time" | tee -a "$OUT/sweep.txt"; continue; }
+  args=(-S "quant.target_bytes=$TARGET"); IFS=, read -ra kv <<< "$sets"; for x in "${kv[@]}"; do args+=(-S "$x"); done
+  t1=$(date +%s.%N)
+  dvc exp run -n "$name" "${args[@]}" > "$OUT/exp_$name.log" 2>&1; rc=$?
+  wall=$(python3 -c "import time; print(round(time.time() - $t1, 1))")
+  echo "$name rc=$rc wall=${wall}s $(grep -o "Running stage '[a-z]*'" "$OUT/exp_$name.log" | tr '\n' ' ')" | tee -a "$OUT/sweep.txt"
+  tail -2 "$OUT/exp_$name.log" | head -1
 done
+pgolf compare | tee "$OUT/compare.md"
 dvc exp show --json > "$OUT/exps.json" 2>/dev/null
-dvc plots show --json > /dev/null 2>&1 && echo "dvc plots show ok"
-cp artifacts/train/live/plots/metrics/train_loss.tsv "$OUT/" 2>/dev/null
+python3 - "$OUT" "$PRESET" "$TRAIN_S" <<'PY'
+import json, sys
+out, preset, train_s = sys.argv[1:]
+stages = {}
+for s in ("tokenize", "train", "ema", "calibrate", "quantize", "compress", "eval", "audit"):
+    try:
+        stages[s] = {k: v for k, v in json.load(open(f"artifacts/{s}/metrics.json")).items() if k != "k"}
+    except FileNotFoundError:
+        pass
+json.dump({"preset": preset, "train_s": float(train_s), "stages": stages,
+           "sweep": open(f"{out}/sweep.txt").read().splitlines()}, open(f"{out}/session.json", "w"), indent=1)
+PY
+echo "session took $(( $(date +%s) - START ))s"

@@ -17,8 +17,13 @@ from torch._dynamo.utils import counters
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name an older pgolf to compare
 from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
-from pgolf.model import CastedLinear, GPT  # noqa: E402
-from pgolf.train import Trainer, init_runtime  # noqa: E402
+from pgolf.model import GPT, CastedLinear  # noqa: E402
+from pgolf.train import Trainer  # noqa: E402
+
+try:
+    from pgolf.runtime import init as init_runtime  # noqa: E402
+except ImportError:  # an older pgolf named through PYTHONPATH
+    from pgolf.train import init_runtime  # noqa: E402
 
 PEAK_BF16 = 800e12  # dense bf16 matmul rate measured on this workplace's H100s
 

@@ -1,0 +1,82 @@
+"""Quantizers on one checkpoint, all at one byte target, in one process: bytes, bpb, quant gap, seconds.
+
+Reads the artifacts a `dvc repro` left (picked weights, Hessians, the tokenized val split, params.yaml) and, per
+point, fits the model to the target exactly as the quantize stage does, packs the blob as compress does and
+scores it as eval does (sliding windows at eval.stride: test-time training, if the preset has it, is left out to
+compare the quantizers alone). Prints a table, writes bench/results/quant_table.json.
+    python bench/quant_table.py [--target=BYTES] gptq_cs:method=gptq,clip_rule=clip_search adaptive_lqer:method=adaptive_clip,lqer_rank=4
+(default target: quant.target_bytes resolved as the quantize stage does)
+"""
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from pgolf import evaluate, export, pack, paths, quant  # noqa: E402
+from pgolf.checkpoint import load_tensors  # noqa: E402
+from pgolf.config import load_params  # noqa: E402
+from pgolf.data import load_val  # noqa: E402
+from pgolf.io import read_json  # noqa: E402
+from pgolf.weights import build_model  # noqa: E402
+
+
+def parse(point: str) -> tuple[str, dict]:
+    name, _, sets = point.partition(":")
+    values = {}
+    for kv in filter(None, sets.split(",")):
+        key, value = kv.split("=")
+        values[key] = int(value) if value.isdigit() else value
+    return name, values
+
+
+def main() -> None:
+    params = load_params()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state, meta = load_tensors(paths.PICKED, device)
+    hessians, hmeta = load_tensors(paths.HESSIANS, device)
+    model_meta = {k: meta[k] for k in ("config", "passes")}
+    points = [a for a in sys.argv[1:] if not a.startswith("--target=")]
+    given = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--target=")]
+    target = given[0] if given else export.model_budget(params)
+    val = load_val(paths.TOKENIZED, meta["config"]["vocab_size"])
+    prequant = read_json(paths.metrics("ema"))["prequant_val_bpb"]
+    sliding = dataclasses.replace(params.eval, mode="sliding")
+    plain = dataclasses.replace(params.eval, mode="sliding", stride=0, seq_len=params.ema.eval_seq_len)
+    rows = []
+    for point in points:
+        name, sets = parse(point)
+        cfg = dataclasses.replace(params.quant, **sets)
+        t0 = time.perf_counter()
+        sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout)
+        result, metrics = quant.quantize(state, hessians, hmeta.get("shared", {}), cfg, target, sizer)
+        t1 = time.perf_counter()
+        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result))
+        t2 = time.perf_counter()
+        blob_state, blob_meta = pack.unpack(blob)
+        model = build_model(blob_meta, blob_state, device, name)
+        s, _ = evaluate.evaluate(model, val, sliding, device)
+        p = evaluate.evaluate(model, val, plain, device)[0] if not evaluate.like_for_like(sliding, plain.seq_len) else s
+        t3 = time.perf_counter()
+        rows.append({"point": name, **sets, "model_bytes": len(blob), "val_bpb": round(s.bpb, 6),
+                     "quant_gap": round(p.bpb - prequant, 6), "quantize_s": round(t1 - t0, 1), "pack_s": round(t2 - t1, 1),
+                     "eval_s": round(t3 - t2, 1), "clip_offset": metrics["clip_offset"],
+                     "pruned": metrics["pruned_codes"], "lqer_tensors": metrics["lqer_tensors"]})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\ntarget {target:,} model bytes; prequant val_bpb {prequant}")
+    print("| point | model bytes | val_bpb | quant gap | clip offset | pruned | quantize s | pack s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['point']} | {r['model_bytes']:,} | {r['val_bpb']:.5f} | {r['quant_gap']:+.5f} | {r['clip_offset']} | "
+              f"{r['pruned']} | {r['quantize_s']} | {r['pack_s']} | {r['eval_s']} |")
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/quant_table.json").write_text(json.dumps({"target": target, "prequant": prequant,
+                                                                  "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
