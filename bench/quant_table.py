@@ -4,7 +4,8 @@ Reads the artifacts a `dvc repro` left (picked weights, Hessians, the tokenized 
 point, fits the model to the target exactly as the quantize stage does, packs the blob as compress does and
 scores it as eval does (sliding windows at eval.stride: test-time training, if the preset has it, is left out to
 compare the quantizers alone). Prints a table, writes bench/results/quant_table.json.
-    python bench/quant_table.py [--target=BYTES] gptq_cs:method=gptq,clip_rule=clip_search adaptive_lqer:method=adaptive_clip,lqer_rank=4
+    python bench/quant_table.py [--target=BYTES] gptq_cs:method=gptq,clip_rule=clip_search \
+        adaptive_lqer:method=adaptive_clip,lqer_rank=4
 (default target: quant.target_bytes resolved as the quantize stage does)
 """
 
@@ -18,7 +19,6 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from pgolf import evaluate, export, pack, paths, quant  # noqa: E402
-from pgolf.checkpoint import load_tensors  # noqa: E402
 from pgolf.config import load_params  # noqa: E402
 from pgolf.data import load_val  # noqa: E402
 from pgolf.io import read_json  # noqa: E402
@@ -37,13 +37,11 @@ def parse(point: str) -> tuple[str, dict]:
 def main() -> None:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    state, meta = load_tensors(paths.PICKED, device)
-    hessians, hmeta = load_tensors(paths.HESSIANS, device)
-    model_meta = {k: meta[k] for k in ("config", "passes")}
+    state, hessians, shared, model_meta = quant.load_inputs(device)
     points = [a for a in sys.argv[1:] if not a.startswith("--target=")]
     given = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--target=")]
     target = given[0] if given else export.model_budget(params)
-    val = load_val(paths.TOKENIZED, meta["config"]["vocab_size"])
+    val = load_val(paths.TOKENIZED, model_meta["config"]["vocab_size"])
     prequant = read_json(paths.metrics("ema"))["prequant_val_bpb"]
     sliding = dataclasses.replace(params.eval, mode="sliding")
     plain = dataclasses.replace(params.eval, mode="sliding", stride=0, seq_len=params.ema.eval_seq_len)
@@ -53,7 +51,7 @@ def main() -> None:
         cfg = dataclasses.replace(params.quant, **sets)
         t0 = time.perf_counter()
         sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout)
-        result, metrics = quant.quantize(state, hessians, hmeta.get("shared", {}), cfg, target, sizer)
+        result, metrics = quant.quantize(state, hessians, shared, cfg, target, sizer)
         t1 = time.perf_counter()
         blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result))
         t2 = time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .checkpoint import load_tensors, save_tensors
 from .config import QuantConfig
 from .errors import PgolfError
@@ -343,8 +344,9 @@ def adaptive_clip(problem: Problem, offset: float) -> dict[str, Quantized]:
 
 
 def adaptive_ks(problem: Problem) -> dict[str, float]:
-    """Adaptive Hessian-sensitivity clip (PR #1962): sensitivity s_t = mean(diag H_t) · mean(row variance of W_t); with z_t its standardized log over
-    the tensors that have a Hessian, k_t = k_group · 2^(−α z_t): tensors that need precision get a tighter clip."""
+    """Adaptive Hessian-sensitivity clip (PR #1962): sensitivity s_t = mean(diag H_t) · mean(row variance of W_t);
+    with z_t its standardized log over the tensors that have a Hessian, k_t = k_group · 2^(−α z_t): tensors that
+    need precision get a tighter clip."""
     logs = {t.name: math.log(max(float(t.H.diagonal().mean()) * float(t.W.var(dim=1).mean()), 1e-30))
             for t in problem.tensors if t.H is not None}
     ks = group_ks(problem)
@@ -534,6 +536,13 @@ def error_metrics(result: QuantResult) -> dict:
             total_err, total_norm = total_err + err, total_norm + norm
     out["rel_error_total"] = round(total_err / max(total_norm, 1e-30), 8)
     return out
+
+
+def load_inputs(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str], dict]:
+    """The picked weights, the Hessians, which Hessian each weight uses, and the model meta the blob carries."""
+    state, meta = load_tensors(paths.PICKED, device)
+    hessians, hmeta = load_tensors(paths.HESSIANS, device)
+    return state, hessians, hmeta.get("shared", {}), {k: meta[k] for k in ("config", "passes")}
 
 
 def quantize(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],

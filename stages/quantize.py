@@ -3,19 +3,15 @@
 import torch
 
 from pgolf import export, pack, paths, quant, stage
-from pgolf.checkpoint import load_tensors
 from pgolf.config import load_params
 
 
 def main() -> dict:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    state, meta = load_tensors(paths.PICKED, device)
-    hessians, hmeta = load_tensors(paths.HESSIANS, device)
-    model_meta = {k: meta[k] for k in ("config", "passes")}
+    state, hessians, shared, model_meta = quant.load_inputs(device)
     sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout)
-    result, metrics = quant.quantize(state, hessians, hmeta.get("shared", {}), params.quant,
-                                     export.model_budget(params), sizer)
+    result, metrics = quant.quantize(state, hessians, shared, params.quant, export.model_budget(params), sizer)
     quant.save_quantized(paths.QUANTIZED, result, model_meta | {"plan": sizer.plan})
     return metrics | {f"codec_{k}_seconds": round(v, 3) for k, v in sizer.seconds.items()}
 
