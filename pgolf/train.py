@@ -131,11 +131,13 @@ class Trainer:
                 torch._foreach_add_(self.swa, weights)
                 self.swa_count += 1
 
-    def set_phase(self, progress: float, cooldown: float) -> None:
-        """Recurrent passes by training progress; late QAT once the warmdown factor is below qat_threshold."""
+    def set_phase(self, progress: float, cooldown: float) -> tuple[int, bool]:
+        """Recurrent passes by training progress; late QAT once the warmdown factor is below qat_threshold.
+        Returns the phase (passes, QAT on)."""
         self.model.passes = passes_at(progress, self.mcfg)
         qat = self.cfg.qat_threshold > 0 and cooldown < self.cfg.qat_threshold
         self.model.set_qat(self.cfg.qat_bits if qat else 0)
+        return self.model.passes, qat
 
     # ------------------------------------------------------------------ compile warm-up, excluded from the clock
     def warm_up(self) -> None:
@@ -173,12 +175,15 @@ class Trainer:
         """Stop at `iterations`, or before a step whose predicted end passes the cap."""
         return self.step >= self.cfg.iterations or (self.cfg.max_seconds > 0 and clock + step_seconds > self._cap())
 
-    def _sync_due(self, synced_step: int, step_seconds: float) -> bool:
-        """Whether the step just taken waits for the GPU: the first after a (re)start, one in SYNC_EVERY, the
-        last by iterations, and every step once the predicted clock is within three steps of the cap."""
+    def _sync_due(self, synced_step: int, step_seconds: float, phase_changed: bool) -> bool:
+        """Whether the step just taken waits for the GPU: the first after a (re)start or a phase change (recurrence
+        passes or QAT change the step time), one in SYNC_EVERY, the last by iterations, and every step once the
+        predicted clock is within SYNC_EVERY steps of the cap (so steps up to twice as slow as predicted since the
+        last wait cannot carry training past it)."""
         predicted = self._predicted_clock(synced_step, step_seconds)
-        return (step_seconds == 0 or self.step - synced_step >= SYNC_EVERY or self.step >= self.cfg.iterations
-                or (self.cfg.max_seconds > 0 and predicted + 3 * step_seconds >= self._cap()))
+        return (step_seconds == 0 or phase_changed or self.step - synced_step >= SYNC_EVERY
+                or self.step >= self.cfg.iterations
+                or (self.cfg.max_seconds > 0 and predicted + SYNC_EVERY * step_seconds >= self._cap()))
 
     def _sync(self) -> None:
         if self.rt.device.type == "cuda":
@@ -277,20 +282,21 @@ class Trainer:
         # The host does not wait for the GPU after every step (a per-step sync drains the queue: ~2 ms/step on
         # one H100). Between syncs every rank predicts the clock from the last agreed one, so all ranks take the
         # same lr, phase and stop decisions; near the cap every step syncs, so the stop is taken on a measured clock.
-        synced_step, step_seconds = self.step, 0.0
+        synced_step, step_seconds, synced_phase = self.step, 0.0, None
         t_synced = time.perf_counter()
         while not self._done(self._predicted_clock(synced_step, step_seconds), step_seconds):
             elapsed = self._predicted_clock(synced_step, step_seconds)
             cooldown = optim.warmdown(self.step, elapsed, cfg)
             scale = optim.lr_scale(self.step, elapsed, cfg)
-            self.set_phase(optim.progress(self.step, elapsed, cfg), cooldown)
+            phase = self.set_phase(optim.progress(self.step, elapsed, cfg), cooldown)
             loss = self.train_step(scale)
             self.update_averages(cooldown)
             self.step += 1
             log = self.step % cfg.log_every == 0 or self.step == 1
             val = cfg.val_every and self.step % cfg.val_every == 0 and self.val_fn is not None
-            if not (log or val or self._sync_due(synced_step, step_seconds)):
+            if not (log or val or self._sync_due(synced_step, step_seconds, phase != synced_phase)):
                 continue
+            synced_phase = phase
             self._sync()
             now = all_max(self.train_seconds + time.perf_counter() - t_synced, self.rt.device)
             step_seconds = max(now - self.train_seconds, 1e-9) / (self.step - synced_step)

@@ -148,7 +148,7 @@ def test_wallclock_cap_stops_before_the_cap_less_the_calibration_reserve(tmp_pat
     m = Trainer(tiny_model(), cfg, tmp_path, CPU, log=lambda s: None).run().metrics
     step = m["ms_per_step"] / 1000
     # stops before a step whose predicted end passes 1.5 - 0.5 s (a step may run a little over its prediction)
-    assert 1.0 - 2 * step <= m["train_seconds"] <= 1.0 + 0.5 * step
+    assert 1.0 - 2 * step <= m["train_seconds"] <= 1.0 + step
     assert 0 < m["steps"] < 10**6
 
 
@@ -160,15 +160,20 @@ def test_host_waits_for_the_device_only_at_sync_points(tmp_path, monkeypatch):
     result = trainer.run()
     # first step, one in SYNC_EVERY since the last wait, log step 25, the last step
     assert waits == [1, 1 + SYNC_EVERY, 25, 25 + SYNC_EVERY, 45]
+    phased = Trainer(tiny_model(recur_start=1, recur_end=2, recur_after=0.5), tiny_train(iterations=45, log_every=25),
+                     tmp_path, CPU, log=lambda s: None)
+    phased_waits = []
+    monkeypatch.setattr(phased, "_sync", lambda: phased_waits.append(phased.step))
+    phased.run()
+    assert 24 in phased_waits  # the first step run with the recurrent pass on (taken at progress 23/45) waited
     assert result.metrics["steps"] == 45 and result.metrics["train_seconds"] > 0
-    # a capped run stops on a measured clock: its last steps all waited
+    # a capped run stops on a measured clock: its last step waited
     capped = Trainer(tiny_model(), tiny_train(iterations=10**6, max_seconds=0.5, log_every=10**6), tmp_path, CPU,
                      log=lambda s: None)
     capped_waits = []
     monkeypatch.setattr(capped, "_sync", lambda: capped_waits.append(capped.step))
     m = capped.run().metrics
-    assert capped_waits[-3:] == [m["steps"] - 2, m["steps"] - 1, m["steps"]]
-    assert m["train_seconds"] <= 0.5 + 0.5 * m["ms_per_step"] / 1000
+    assert capped_waits[-1] == m["steps"] and m["train_seconds"] <= 0.5 + m["ms_per_step"] / 1000
 
 
 def test_checkpoint_roundtrip_is_exact(tmp_path):
