@@ -55,7 +55,9 @@ def _brotli_decompress(data: bytes, limit: int) -> bytes:
 
     d = brotli.Decompressor()
     out = d.process(data, output_buffer_limit=limit + 1)
-    return out if d.is_finished() or len(out) > limit else out + b"\0"  # unfinished: a truncated stream
+    if not d.is_finished() and len(out) <= limit:
+        raise brotli.error("truncated stream")
+    return out
 
 
 def _lzma_decompress(data: bytes, limit: int) -> bytes:

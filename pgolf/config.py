@@ -372,6 +372,12 @@ def check_combinations(p: Params) -> None:
         _require(getattr(q.sdclip_k, g) > 0, f"quant.sdclip_k.{g}: {getattr(q.sdclip_k, g)}; expected > 0")
 
 
+def model_budget(params: Params, code_bytes: int) -> int | None:
+    """quant.target_bytes resolved: `auto` = audit.limit_bytes - code bytes - quant.target_margin."""
+    t = params.quant.target_bytes
+    return params.audit.limit_bytes - code_bytes - params.quant.target_margin if t == "auto" else t
+
+
 def find_key(key: str) -> None:
     """Refuse a dotted key that names no param, with the closest one (DVC's own error for `-S` gives none)."""
     cls, where = Params, ""

@@ -15,7 +15,7 @@ import lzma
 import shutil
 from pathlib import Path
 
-from . import deps, paths
+from . import config, deps, paths
 from .config import Params
 from .io import atomic_dir, read_json
 
@@ -66,11 +66,8 @@ def script_bytes(params: Params) -> int:
 
 
 def model_budget(params: Params) -> int | None:
-    """quant.target_bytes resolved: `auto` = audit.limit_bytes - code bytes - quant.target_margin."""
-    t = params.quant.target_bytes
-    if t == "auto":
-        return params.audit.limit_bytes - script_bytes(params) - params.quant.target_margin
-    return t
+    """quant.target_bytes resolved against this run's train_gpt.py."""
+    return config.model_budget(params, script_bytes(params))
 
 
 TECHNIQUES = [  # (what is on, how to say it)

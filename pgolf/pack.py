@@ -68,6 +68,11 @@ LAYOUTS.add("bitpack", Layout(pack_bits, unpack_bits, lambda n, b: (n * b + 7) /
 RAW = Layout(lambda c, b: c.tobytes(), lambda d, b, n: np.frombuffer(d, dtype=np.uint8)[:n], lambda n, b: n)
 
 
+def _layout(name: str) -> Layout:
+    """A codes layout by name, or `raw` (bytes as they are: fp16 data)."""
+    return RAW if name == "raw" else LAYOUTS[name]
+
+
 def shuffle16(a: np.ndarray) -> bytes:
     b = np.ascontiguousarray(a, dtype="<f2").reshape(-1).view(np.uint8).reshape(-1, 2)
     return b.T.tobytes()
@@ -162,7 +167,7 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
     trials = []  # (stream, layout, codec, raw size, sample)
     for s in streams.values():
         for lay in (layout_names if s.codes else ["raw"]):
-            raw, _ = s.build(LAYOUTS[lay] if lay != "raw" else RAW)
+            raw, _ = s.build(_layout(lay))
             trials += [(s.name, lay, c, len(raw), _sample(raw)) for c in codec_names]
     sizes = _compress_all([(c, sample) for _, _, c, _, sample in trials])
     plan: dict[str, dict] = {}
@@ -175,15 +180,14 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
     return plan
 
 
-def _layouts(result: QuantResult, plan: dict[str, dict]) -> tuple[list[str], dict, dict, list[dict]]:
-    """Each stream's bytes in its planned layout, the parts' spans, and the tensor entries pointing at them."""
+def _layouts(result: QuantResult, plan: dict[str, dict]) -> tuple[list[str], dict, list[dict]]:
+    """The streams in order, each one's bytes in its planned layout, and the tensor entries pointing into them."""
     streams, entries = _streams(result)
     if set(streams) - set(plan):
         raise PgolfError(f"no codec plan for stream(s) {sorted(set(streams) - set(plan))}")
     raws, spans = {}, {}
     for name, s in streams.items():
-        lay = plan[name]["layout"]
-        raws[name], spans[name] = s.build(LAYOUTS[lay] if lay != "raw" else RAW)
+        raws[name], spans[name] = s.build(_layout(plan[name]["layout"]))
     order = sorted(streams)
 
     def ref(part):  # (stream, part index) -> [stream index, offset, length]
@@ -196,7 +200,7 @@ def _layouts(result: QuantResult, plan: dict[str, dict]) -> tuple[list[str], dic
                 e[key] = ref(e[key])
         if "lqer" in e:
             e["lqer"] = {k: ref(v) if isinstance(v, tuple) else v for k, v in e["lqer"].items()}
-    return order, raws, spans, entries
+    return order, raws, entries
 
 
 def _header(meta: dict, plan: dict, order: list[str], raws: dict, packed: list[int], entries: list[dict]) -> bytes:
@@ -212,7 +216,7 @@ def _pack_header(header: bytes) -> bytes:
 def pack(result: QuantResult, meta: dict, plan: dict[str, dict]) -> tuple[bytes, dict[str, dict]]:
     """The blob for `result`, each stream with the layout and codec `plan` names; also a report per stream
     (raw, order-0 entropy and packed bytes)."""
-    order, raws, _, entries = _layouts(result, plan)
+    order, raws, entries = _layouts(result, plan)
     packed = _compress_all([(plan[n]["codec"], raws[n]) for n in order])
     header = _header(meta, plan, order, raws, [len(p) for p in packed], entries)
     digest = hashlib.sha256(header + b"".join(raws[n] for n in order)).digest()
@@ -225,7 +229,7 @@ def pack(result: QuantResult, meta: dict, plan: dict[str, dict]) -> tuple[bytes,
 
 def header_bytes(result: QuantResult, meta: dict, plan: dict[str, dict]) -> int:
     """What the blob's fixed head and packed header take, with the plan's estimates as the streams' sizes."""
-    order, raws, _, entries = _layouts(result, plan)
+    order, raws, entries = _layouts(result, plan)
     return HEAD.size + len(_pack_header(_header(meta, plan, order, raws, [plan[n]["estimate"] for n in order], entries)))
 
 
@@ -280,7 +284,7 @@ def _part(ref: list, streams: list, raws: list[bytes], count: int, bits: int, wh
           layout: str | None = None) -> np.ndarray:
     """The `count` values a part holds, after checking its span lies in its stream and fits `count`."""
     i, off, n = (int(x) for x in ref)
-    lay = RAW if (layout or streams[i][1]) == "raw" else LAYOUTS[layout or streams[i][1]]
+    lay = _layout(layout or streams[i][1])
     if not (0 <= off and off + n <= len(raws[i])) or n != lay.size(count, bits):
         raise PgolfError(f"{where}: malformed blob (a tensor part does not match its declared shape)")
     return lay.unpack(raws[i][off:off + n], bits, count)

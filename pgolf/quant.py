@@ -439,6 +439,25 @@ VERIFY_ROUNDS = 4  # estimate-guided searches, each checked with the real codec
 ESTIMATE_SLACK = 0.01  # an estimate this far under the target is checked as it is, without a search
 
 
+def _search(make: Callable[[float, bool], QuantResult], lo: float, hi: float, tol: float, target: int, sizer,
+            result: QuantResult, size: int | None) -> tuple[float | None, QuantResult, int | None, int, float]:
+    """Bisect x in [lo, hi] on the sizer's estimate of make(x, final=False), check make(x, final=True) with the real
+    codecs, re-calibrate there and search again while still over (at most VERIFY_ROUNDS times). `size` is the exact
+    size of `result` (None: only estimated so far). Returns (x, result, size, codec checks, seconds searching)."""
+    x, checks, searched = None, 0, 0.0
+    for _ in range(VERIFY_ROUNDS):
+        if size is not None and (size <= target or x == hi):
+            break
+        if size is not None:
+            sizer.calibrate(result, size)
+        t0 = time.perf_counter()
+        x = bisect(lambda v: sizer.estimate(make(v, False)) <= target, lo, hi, tol)
+        searched += time.perf_counter() - t0
+        result = make(x, True)
+        size, checks = sizer.exact(result), checks + 1
+    return x, result, size, checks, searched
+
+
 def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult, dict]:
     """Quantize so the compressed model meets `target` bytes. The sizer estimates a result's blob from the order-0
     entropy of its codes, scaled by what its codecs achieved on samples (`prepare`) or on a whole blob
@@ -454,21 +473,13 @@ def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult
     result = problem.quantize(0.0, final=False)
     sizer.prepare(result)
     info["unfitted_bytes_est"] = round(sizer.estimate(result))
-    offset, size, checks, searched = 0.0, None, 0, 0.0
+    size, checks = None, 0
     if not adaptive and info["unfitted_bytes_est"] <= target * (1 - ESTIMATE_SLACK):
         result = problem.quantize(0.0)
         size, checks = sizer.exact(result), 1
-    for _ in range(VERIFY_ROUNDS):
-        if size is not None and (size <= target or offset == hi):
-            break
-        if size is not None:
-            sizer.calibrate(result, size)
-        t1 = time.perf_counter()
-        offset = bisect(lambda x: sizer.estimate(problem.quantize(x, final=False)) <= target, lo, hi, 1e-3)
-        searched += time.perf_counter() - t1
-        result = problem.quantize(offset)
-        size, checks = sizer.exact(result), checks + 1
-    info |= {"clip_offset": round(offset, 4), "search_seconds": round(searched, 3)}
+    offset, result, size, more, searched = _search(problem.quantize, lo, hi, 1e-3, target, sizer, result, size)
+    info |= {"clip_offset": round(offset or 0.0, 4), "search_seconds": round(searched, 3)}
+    checks += more
     if size > target:
         result, size, pruned, more = _prune_to(result, problem, target, sizer, size)
         info["pruned_codes"], checks = pruned, checks + more
@@ -483,15 +494,11 @@ def _prune_to(result: QuantResult, problem: Problem, target: int, sizer, size: i
     if floor > target:
         raise PgolfError(f"quant.target_bytes: {target:,} is unreachable: the widest clip with every ±1 code "
                          f"pruned still takes {floor:,} bytes ({floor - target:,} over); lower quant.bits or the model size")
-    base, checks, n = result, 1, total
-    for _ in range(VERIFY_ROUNDS):
-        sizer.calibrate(result, size)
-        n = int(bisect(lambda x: sizer.estimate(apply_pruning(base, candidates, names, int(x))) <= target, 0, total, 1))
-        result = apply_pruning(base, candidates, names, n)
-        size, checks = sizer.exact(result), checks + 1
-        if size <= target:
-            return result, size, n, checks
-    return apply_pruning(base, candidates, names, total), floor, total, checks
+    prune = lambda n, final: apply_pruning(result, candidates, names, int(n))  # noqa: E731
+    n, pruned, size, checks, _ = _search(prune, 0, total, 1, target, sizer, result, size)
+    if size <= target:
+        return pruned, size, int(n), checks + 1
+    return prune(total, True), floor, total, checks + 1
 
 
 # ----------------------------------------------------------------------------- the quantized-tensor file

@@ -87,15 +87,6 @@ class Scorer:
             self.parts[2] += int(pos.numel())
         model.train(was_training)
 
-    def scored_mask(self) -> torch.Tensor:
-        """Positions scored so far on any rank."""
-        counts = self.counts.clone()
-        if rank_world()[1] > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts)
-        return counts > 0
-
     def finish(self, what: str) -> Score:
         """Sum over ranks; a non-finite score or a target scored other than exactly once is an error."""
         nll_sum, n_bytes, n_tokens = all_sum(self.parts, self.device)

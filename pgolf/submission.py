@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import calibrate, evaluate, pack, quant, runtime, weights
-from .config import Params, build, check_combinations, check_fields
+from .config import Params, build, check_combinations, check_fields, model_budget
 from .data import load_val, shard_paths
 from .errors import PgolfError
 from .train import Trainer
@@ -99,9 +99,7 @@ def main(raw_params: dict, script_bytes: int, argv: list[str] | None = None) -> 
         if argv:
             raise PgolfError(f"usage: train_gpt.py [eval BLOB]; got {' '.join(argv)}")
         blob = Path(os.environ.get("BLOB_PATH", "final_model.blob"))
-        limit = params.audit.limit_bytes - script_bytes - params.quant.target_margin
-        budget = limit if params.quant.target_bytes == "auto" else params.quant.target_bytes
-        train_and_pack(params, data, rt, blob, budget)
+        train_and_pack(params, data, rt, blob, model_budget(params, script_bytes))
         return score_blob(params, data, tokenizer, rt, blob)
     finally:
         if dist.is_initialized():

@@ -64,7 +64,8 @@ class Adapter:
         self.model.train()
         for _ in range(self.ttt.epochs):
             for i in range(0, len(starts), self.ttt.batch_seqs * world):
-                mine = starts[i:i + self.ttt.batch_seqs * world][rank::world]
+                batch = starts[i:i + self.ttt.batch_seqs * world]
+                mine = batch[rank::world]
                 self.opt.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
                 for s in mine:
@@ -74,7 +75,7 @@ class Adapter:
                     with autocast(self.device):
                         total = total + self.model.token_nll(x, y).sum()
                     self.adapted += e - s
-                n = sum(min(s + self.L, last) - s for s in starts[i:i + self.ttt.batch_seqs * world])
+                n = sum(min(s + self.L, last) - s for s in batch)
                 (total / n).backward()
                 for p in self.params:
                     if p.grad is None:

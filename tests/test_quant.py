@@ -161,6 +161,15 @@ def test_auto_picks_per_stream_and_is_deterministic():
     assert len(digests) == 1
 
 
+@pytest.mark.parametrize("codec", sorted(codecs.CODECS))
+def test_each_codec_refuses_a_truncated_stream(codec):
+    data = bytes(range(256)) * 40 + bytes(20000)
+    z = codecs.compress(codec, data)
+    assert codecs.decompress(codecs.CODECS[codec].id, z, len(data), "m.blob") == data
+    with pytest.raises(PgolfError, match="m.blob: corrupted"):
+        codecs.decompress(codecs.CODECS[codec].id, z[:-1], len(data), "m.blob")
+
+
 def test_codec_ids_are_fixed():
     assert {n: c.id for n, c in codecs.CODECS.items()} == {"zstd": 1, "brotli": 2, "lzma": 3, "zpaq": 4, "ppmd": 5}
 
