@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,39 @@ def die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _parent_pid_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+
+
+def _parent_is_shell_wrapper() -> bool:
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return False
+    return len(argv) >= 3 and argv[-2] == b"-c"
+
+
+def die_with_dvc() -> None:
+    """die_with_parent, and under dvc also die with dvc: dvc runs a stage as `$SHELL -c cmd`, and a shell that
+    forks instead of exec'ing (dash, the usual /bin/sh) outlives a killed dvc, so its parent is watched too."""
+    die_with_parent()
+    if not (sys.platform.startswith("linux") and "DVC_STAGE" in os.environ and _parent_is_shell_wrapper()):
+        return
+    shell = os.getppid()
+    dvc = _parent_pid_of(shell)
+
+    def watch() -> None:
+        while _parent_pid_of(shell) == dvc:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="pgolf-watch-dvc", daemon=True).start()
 
 
 def _rank_preexec() -> None:

@@ -26,7 +26,7 @@ def run(main: Callable[[], dict | None], name: str) -> None:
     """Run a stage body: a PgolfError (or a failed write: disk full, permissions) ends it with one line and
     status 1, SIGINT/SIGTERM with one line and status 130; the metrics it returns are written to
     artifacts/<name>/metrics.json."""
-    launch.die_with_parent()
+    launch.die_with_dvc()
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.perf_counter()
     try:

@@ -357,15 +357,23 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
     assert not stale.exists() and live.exists() and (tmp_path / "data").read_bytes() == b"complete"
 
 
-def test_killing_dvc_repro_leaves_no_stage_process_behind(tmp_path):
+def rank_processes(folder):
+    """The ranks: stage processes whose parent is a stage process."""
+    stages = {p.pid for p in pgolf_processes(folder) if "stages." in " ".join(p.info["cmdline"] or [])}
+    return [pid for pid in stages if psutil.Process(pid).ppid() in stages]
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])  # dvc runs `$SHELL -c cmd`: dash forks, bash execs
+def test_killing_dvc_repro_leaves_no_stage_process_behind(tmp_path, shell):
     from conftest import pipeline_repo
 
     repo = pipeline_repo(tmp_path, {"train": TINY_TRAIN | {"iterations": 10**6, "nproc_per_node": "2"}})
     run(["dvc", "repro", "tokenize"], repo)
     dvc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dvc"), "repro", "train"], cwd=repo,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    assert wait_for(lambda: len(pgolf_processes(repo)) >= 3, 120), "the ranks never started"
-    dvc.kill()  # kill -9 of dvc alone: its stage and the ranks must not outlive it
+                           env={**os.environ, "SHELL": shell}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    assert wait_for(lambda: len(rank_processes(repo)) == 2, 120), "the ranks never started"
+    dvc.kill()  # kill -9 of dvc alone: its shell, its stage and the ranks must not outlive it
     dvc.wait()
     assert wait_for(lambda: not pgolf_processes(repo), 30), [p.info["cmdline"] for p in pgolf_processes(repo)]
 
