@@ -16,7 +16,6 @@ import numpy as np
 from .errors import PgolfError
 from .registry import Registry
 
-ZPAQ_THREADS = 8  # fixed, not the host's core count: the same input gives the same bytes on any machine
 PPMD_ORDER, PPMD_MEMORY = 2, 64 << 20
 
 
@@ -71,7 +70,7 @@ def _lzma_decompress(data: bytes, limit: int) -> bytes:
 def _zpaq_compress(data: bytes) -> bytes:
     import zpaq
 
-    return zpaq.compress(data, level=5, threads=ZPAQ_THREADS)
+    return zpaq.compress(data, level=5, threads=1)  # one block: the same bytes on any machine; pack runs chunks in parallel
 
 
 def _zpaq_decompress(data: bytes, limit: int) -> bytes:

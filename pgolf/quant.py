@@ -255,20 +255,25 @@ class Problem:
     def group_k(self, t: Tensor) -> float:
         return float(getattr(self.cfg.sdclip_k, t.group))
 
-    def quantize(self, offset: float = 0.0, final: bool = True) -> QuantResult:
-        """Every large 2-D tensor by the configured method with its clips widened by 2**offset; `final` adds LQER
-        and the errors (a size search needs only the codes: LQER does not change them)."""
-        quantized = METHODS[self.cfg.method](self, offset)
-        result = QuantResult(quantized, dict(self.floats))
-        if not final:
-            return result
+    def quantize(self, offset: float = 0.0) -> QuantResult:
+        """Every large 2-D tensor by the configured method with its clips widened by 2**offset, LQER and errors."""
+        return self.finish(self.codes(offset))
+
+    def codes(self, offset: float) -> QuantResult:
+        """The codes alone: what a size search needs (LQER does not change them)."""
+        return QuantResult(METHODS[self.cfg.method](self, offset), dict(self.floats))
+
+    def finish(self, result: QuantResult) -> QuantResult:
+        """A copy of `codes(...)`'s result with the LQER factors (quant.lqer_rank > 0) and each tensor's error."""
+        quantized = {n: Quantized(q.codes, q.scale, q.bits, q.k) for n, q in result.quantized.items()}
         if self.cfg.lqer_rank:
             add_lqer(self, quantized)
+        errors = {}
         for t in self.tensors:
             Wq = quantized[t.name].dequantize()
-            result.errors[t.name] = {"group": t.group, "bits": t.bits, "error": weighted_error(t.W, Wq, t.H),
-                                     "norm": weighted_error(t.W, torch.zeros_like(t.W), t.H), "weighted": t.H is not None}
-        return result
+            errors[t.name] = {"group": t.group, "bits": t.bits, "error": weighted_error(t.W, Wq, t.H),
+                              "norm": weighted_error(t.W, torch.zeros_like(t.W), t.H), "weighted": t.H is not None}
+        return QuantResult(quantized, result.floats, errors)
 
     def sqrt_hessian(self, t: Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H^(1/2) and H^(-1/2) (damped like GPTQ's), for the H-weighted low-rank fit."""
@@ -425,35 +430,62 @@ def apply_pruning(result: QuantResult, candidates: torch.Tensor, names: list[str
     return QuantResult(quantized, result.floats, result.errors)
 
 
-def bisect(fits: Callable[[float], bool], lo: float, hi: float, tol: float) -> float:
-    """The smallest x in [lo, hi] with fits(x), for fits monotone in x (false ... true); fits(hi) must hold."""
-    if fits(lo):
+def smallest_fitting(size: Callable[[float], float], target: float, lo: float, hi: float, tol: float,
+                     slack: float) -> float:
+    """The smallest x in [lo, hi] with size(x) <= target, for size decreasing in x, to within tol in x or slack
+    in size (hi if even size(hi) is over). Regula falsi with the Illinois step: a model's bytes are close to
+    linear in the clip's log, so a handful of evaluations, each a full quantization, do it."""
+    over_lo = size(lo) - target
+    if over_lo <= 0:
         return lo
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    over_hi = size(hi) - target
+    kept = 0  # which end the last step kept: -1 lo, +1 hi
+    while hi - lo > tol and over_hi < -slack:
+        x = min(max(hi - over_hi * (hi - lo) / (over_hi - over_lo), lo + tol / 2), hi - tol / 2)
+        over = size(x) - target
+        if over <= 0:
+            hi, over_hi = x, over
+            over_lo, kept = (over_lo / 2 if kept == -1 else over_lo), -1
+        else:
+            lo, over_lo = x, over
+            over_hi, kept = (over_hi / 2 if kept == 1 else over_hi), 1
     return hi
 
 
 VERIFY_ROUNDS = 4  # estimate-guided searches, each checked with the real codec
 ESTIMATE_SLACK = 0.01  # an estimate this far under the target is checked as it is, without a search
+FIT_SLACK = 2e-4  # a search may stop this far (relative) under the target: 3.2 KB of 16 MB
 
 
-def _search(make: Callable[[float, bool], QuantResult], lo: float, hi: float, tol: float, target: int, sizer,
-            result: QuantResult, size: int | None) -> tuple[float | None, QuantResult, int | None, int, float]:
-    """Bisect x in [lo, hi] on the sizer's estimate of make(x, final=False), check make(x, final=True) with the real
-    codecs, re-calibrate there and search again while still over (at most VERIFY_ROUNDS times). `size` is the exact
-    size of `result` (None: only estimated so far). Returns (x, result, size, codec checks, seconds searching)."""
-    x, checks, searched = None, 0, 0.0
+def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult], QuantResult], lo: float, hi: float,
+            tol: float, target: int, sizer, result: QuantResult,
+            size: int | None) -> tuple[float | None, QuantResult, int | None, int, float]:
+    """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs,
+    re-calibrate there and search again while still over (at most VERIFY_ROUNDS times). A calibrated estimate
+    still misses a little away from its calibration point, so a search after a calibrated one that came out over
+    aims that miss (or twice the last margin) below the target. `size` is the exact size of `result` (None: only estimated so far).
+    Returns (x, result, size, codec checks, seconds searching)."""
+    x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
     for _ in range(VERIFY_ROUNDS):
         if size is not None and (size <= target or x == hi):
             break
         if size is not None:
+            if calibrated:
+                margin = max(2 * margin, size - predicted)  # doubled: the miss may be noise, not a trend
             sizer.calibrate(result, size)
+            calibrated = True
         t0 = time.perf_counter()
-        x = bisect(lambda v: sizer.estimate(make(v, False)) <= target, lo, hi, tol)
+        made: dict[float, tuple[QuantResult, float]] = {}
+
+        def estimate(v: float) -> float:
+            r = make(v)
+            made[v] = (r, sizer.estimate(r))
+            return made[v][1]
+
+        x = smallest_fitting(estimate, target - margin, lo, hi, tol, target * FIT_SLACK)
         searched += time.perf_counter() - t0
-        result = make(x, True)
+        made_x, predicted = made[x]
+        result = finish(made_x)
         size, checks = sizer.exact(result), checks + 1
     return x, result, size, checks, searched
 
@@ -461,7 +493,7 @@ def _search(make: Callable[[float, bool], QuantResult], lo: float, hi: float, to
 def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult, dict]:
     """Quantize so the compressed model meets `target` bytes. The sizer estimates a result's blob from the order-0
     entropy of its codes, scaled by what its codecs achieved on samples (`prepare`) or on a whole blob
-    (`calibrate`); the clip offset is bisected on the estimate, the result is checked with the real codecs
+    (`calibrate`); the clip offset is searched on the estimate, the result is checked with the real codecs
     (`exact`: the blob compress will write), and the estimate re-calibrated there if it is still over. If the
     widest clip is too large, the cheapest ±1 codes are pruned the same way."""
     adaptive = problem.cfg.method == "adaptive_clip"
@@ -470,14 +502,15 @@ def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult
     if target is None:
         return problem.quantize(0.0), info
     t0 = time.perf_counter()
-    result = problem.quantize(0.0, final=False)
+    result = problem.codes(0.0)
     sizer.prepare(result)
     info["unfitted_bytes_est"] = round(sizer.estimate(result))
     size, checks = None, 0
     if not adaptive and info["unfitted_bytes_est"] <= target * (1 - ESTIMATE_SLACK):
-        result = problem.quantize(0.0)
+        result = problem.finish(result)
         size, checks = sizer.exact(result), 1
-    offset, result, size, more, searched = _search(problem.quantize, lo, hi, 1e-3, target, sizer, result, size)
+    offset, result, size, more, searched = _search(problem.codes, problem.finish, lo, hi, 1e-3, target, sizer,
+                                                   result, size)
     info |= {"clip_offset": round(offset or 0.0, 4), "search_seconds": round(searched, 3)}
     checks += more
     if size > target:
@@ -494,11 +527,11 @@ def _prune_to(result: QuantResult, problem: Problem, target: int, sizer, size: i
     if floor > target:
         raise PgolfError(f"quant.target_bytes: {target:,} is unreachable: the widest clip with every ±1 code "
                          f"pruned still takes {floor:,} bytes ({floor - target:,} over); lower quant.bits or the model size")
-    prune = lambda n, final: apply_pruning(result, candidates, names, int(n))  # noqa: E731
-    n, pruned, size, checks, _ = _search(prune, 0, total, 1, target, sizer, result, size)
+    prune = lambda n: apply_pruning(result, candidates, names, int(n))  # noqa: E731
+    n, pruned, size, checks, _ = _search(prune, lambda r: r, 0, total, 1, target, sizer, result, size)
     if size <= target:
         return pruned, size, int(n), checks + 1
-    return prune(total, True), floor, total, checks + 1
+    return prune(total), floor, total, checks + 1
 
 
 # ----------------------------------------------------------------------------- the quantized-tensor file

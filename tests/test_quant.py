@@ -1,6 +1,7 @@
 import hashlib
 import json
 import lzma
+import os
 
 import numpy as np
 import pytest
@@ -151,6 +152,26 @@ def test_each_codec_and_layout_roundtrips_exactly(codec, layout):
         assert torch.equal(state[name], t), name
 
 
+def blob_header(blob: bytes) -> dict:
+    _, _, _, hpacked, _ = pack.HEAD.unpack_from(blob)
+    return json.loads(lzma.decompress(blob[pack.HEAD.size:pack.HEAD.size + hpacked]))
+
+
+def test_streams_are_cut_into_chunks_that_give_the_same_blob_on_any_core_count(monkeypatch):
+    result = problem().quantize()
+    plan = pack.plan_streams(result, "zpaq", "int8")
+    monkeypatch.setattr(pack, "CHUNK", 1000)
+    monkeypatch.setattr(pack, "SERIAL_BELOW", 0)  # the thread pool even for this small model
+    blob, report = pack.pack(result, {}, plan)
+    streams = {s[0]: s for s in blob_header(blob)["streams"]}
+    assert len(streams["codes.mlp"][4]) == -(-report["codes.mlp"]["raw"] // 1000) > 1
+    assert sum(streams["codes.mlp"][4]) == report["codes.mlp"]["packed"]
+    state, _ = pack.unpack(blob)
+    assert all(torch.equal(state[n], t) for n, t in result.dequantized().items())
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert pack.pack(result, {}, plan)[0] == blob
+
+
 def test_auto_picks_per_stream_and_is_deterministic():
     result = problem().quantize()
     plan = pack.plan_streams(result)
@@ -282,8 +303,8 @@ def craft(header: dict, streams: list[bytes], declared: list[int] | None = None)
     """A blob with valid checksums and whatever header it is given (zstd streams; raw sizes as `declared`)."""
     packed_streams = [codecs.compress("zstd", x) for x in streams]
     sizes = declared or [len(x) for x in streams]
-    header = dict(header, streams=[[n, lay, codecs.CODECS["zstd"].id, size, len(p)]
-                                   for (n, lay), size, p in zip(header["streams"], sizes, packed_streams)])
+    header = dict(header, chunk=pack.CHUNK, streams=[[n, lay, codecs.CODECS["zstd"].id, size, [len(p)]]
+                                                     for (n, lay), size, p in zip(header["streams"], sizes, packed_streams)])
     raw = json.dumps(header).encode()
     digest = hashlib.sha256(raw + b"".join(streams)).digest()
     packed_header = lzma.compress(raw)
@@ -305,6 +326,8 @@ def test_declared_sizes_are_bounded_by_the_bytes_present():
         pack.unpack(craft(header, [codes, scale], declared=[1 << 40, 16]))
     with pytest.raises(PgolfError, match=r"holds fewer than the 65 bytes its header declares"):
         pack.unpack(craft(header, [codes, scale], declared=[65, 16]))
+    with pytest.raises(PgolfError, match=r"malformed blob header \(chunk sizes do not match the streams\)"):
+        pack.unpack(craft(header, [codes, scale], declared=[pack.CHUNK + 1, 16]))
 
 
 def test_hessians_are_fp32_shared_by_q_k_v_and_include_the_tied_head():
