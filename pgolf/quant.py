@@ -463,8 +463,8 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
     """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs,
     re-calibrate there and search again while still over (at most VERIFY_ROUNDS times). A calibrated estimate
     still misses a little away from its calibration point, so a search after a calibrated one that came out over
-    aims that miss (or twice the last margin) below the target. `size` is the exact size of `result` (None: only estimated so far).
-    Returns (x, result, size, codec checks, seconds searching)."""
+    aims that miss (or twice the last margin) below the target. `size` is the exact size of `result` (None: only
+    estimated so far). Returns (x, result, size, codec checks, seconds searching)."""
     x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
     for _ in range(VERIFY_ROUNDS):
         if size is not None and (size <= target or x == hi):
