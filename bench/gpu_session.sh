@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One device call: a preset on the carried docs corpus through `dvc repro` (train capped at TRAIN_S seconds), then
-# quantizer points on the same checkpoint with `dvc exp run`, each at the baseline's byte target and timed.
-# Prints the stage times, the audit line and one table (pgolf compare); writes $OUT/session.json.
-#   PRESET=challenge TRAIN_S=120 SWEEP="gptq_cs:quant.method=gptq,quant.clip_rule=clip_search ..." bash bench/gpu_session.sh
-# Expects .whl/ (dvc and what the image lacks) and .carry/docs.jsonl.zst. Stops starting points at BUDGET_S.
+# quantizer points on the same checkpoint with `dvc exp run`, each at the baseline's byte target and timed, then
+# (TABLE) bench/quant_table.py's points in one process. Prints the stage times, the audit line and the tables
+# (pgolf compare, quant_table); writes $OUT/session.json and $OUT/quant_table.json.
+#   PRESET=challenge TRAIN_S=120 SWEEP="gptq_cs:quant.method=gptq,quant.clip_rule=clip_search ..." \
+#     TABLE="--eval=plain gptq_cs:method=gptq,clip_rule=clip_search ..." bash bench/gpu_session.sh
+# Expects .whl/ (dvc and what the image lacks; none: the environment has them) and .carry/docs.jsonl.zst. Starts no
+# sweep point or table after BUDGET_S seconds.
 set -uo pipefail
 START=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PRESET=${PRESET:-challenge}; TRAIN_S=${TRAIN_S:-120}; BUDGET_S=${BUDGET_S:-540}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/bin:/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
 printf '#!/bin/sh\nexec python3 -m pgolf.cli "$@"\n' > /tmp/bin/pgolf && chmod +x /tmp/bin/pgolf
@@ -50,6 +55,13 @@ for point in ${SWEEP:-}; do
   tail -2 "$OUT/exp_$name.log" | head -1
 done
 pgolf compare | tee "$OUT/compare.md"
+if [ -n "${TABLE:-}" ]; then
+  if [ $(( $(date +%s) - START )) -lt "$BUDGET_S" ]; then
+    python3 bench/quant_table.py --target="$TARGET" --out="$OUT/quant_table.json" $TABLE 2>&1 | grep -v "it/s]\|win/s]"
+  else
+    echo "skipped the quantizer table: out of time"
+  fi
+fi
 dvc exp show --json > "$OUT/exps.json" 2>/dev/null
 python3 - "$OUT" "$PRESET" "$TRAIN_S" <<'PY'
 import json, sys

@@ -3,8 +3,9 @@
 Reads the artifacts a `dvc repro` left (picked weights, Hessians, the tokenized val split, params.yaml) and, per
 point, fits the model to the target exactly as the quantize stage does, packs the blob as compress does and
 scores it as eval does (sliding windows at eval.stride: test-time training, if the preset has it, is left out to
-compare the quantizers alone). Prints a table, writes bench/results/quant_table.json.
-    python bench/quant_table.py [--target=BYTES] gptq_cs:method=gptq,clip_rule=clip_search \
+compare the quantizers alone; `--eval=plain` scores only the non-overlapping windows the quant gap uses, which is
+much faster). Prints a table, writes bench/results/quant_table.json (or --out=PATH).
+    python bench/quant_table.py [--target=BYTES] [--eval=plain] gptq_cs:method=gptq,clip_rule=clip_search \
         adaptive_lqer:method=adaptive_clip,lqer_rank=4
 (default target: quant.target_bytes resolved as the quantize stage does)
 """
@@ -38,9 +39,11 @@ def main() -> None:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
-    points = [a for a in sys.argv[1:] if not a.startswith("--target=")]
-    given = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--target=")]
-    target = given[0] if given else export.model_budget(params)
+    options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    points = [a for a in sys.argv[1:] if not a.startswith("--")]
+    target = int(options["target"]) if "target" in options else export.model_budget(params)
+    plain_only = options.get("eval", "sliding") == "plain"
+    out = Path(options.get("out", "bench/results/quant_table.json"))
     val = load_val(paths.TOKENIZED, model_meta["config"]["vocab_size"])
     prequant = read_json(paths.metrics("ema"))["prequant_val_bpb"]
     sliding = dataclasses.replace(params.eval, mode="sliding")
@@ -57,23 +60,26 @@ def main() -> None:
         t2 = time.perf_counter()
         blob_state, blob_meta = pack.unpack(blob)
         model = build_model(blob_meta, blob_state, device, name)
-        s, _ = evaluate.evaluate(model, val, sliding, device)
-        p = evaluate.evaluate(model, val, plain, device)[0] if not evaluate.like_for_like(sliding, plain.seq_len) else s
+        p = evaluate.evaluate(model, val, plain, device)[0]
+        same = plain_only or evaluate.like_for_like(sliding, plain.seq_len)
+        s = p if same else evaluate.evaluate(model, val, sliding, device)[0]
         t3 = time.perf_counter()
         rows.append({"point": name, **sets, "model_bytes": len(blob), "val_bpb": round(s.bpb, 6),
                      "quant_gap": round(p.bpb - prequant, 6), "quantize_s": round(t1 - t0, 1), "pack_s": round(t2 - t1, 1),
                      "eval_s": round(t3 - t2, 1), "clip_offset": metrics["clip_offset"],
-                     "pruned": metrics["pruned_codes"], "lqer_tensors": metrics["lqer_tensors"]})
+                     "pruned": metrics["pruned_codes"], "lqer_tensors": metrics["lqer_tensors"],
+                     "codec_checks": metrics["codec_checks"], "search_s": metrics.get("search_seconds")})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\ntarget {target:,} model bytes; prequant val_bpb {prequant}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"target": target, "prequant": prequant, "eval": "plain" if plain_only else "sliding",
+                                   "rows": rows}, indent=1))  # after every point: a run cut off keeps what it did
+    windows = "plain" if plain_only else "sliding"
+    print(f"\ntarget {target:,} model bytes; prequant val_bpb {prequant}; val_bpb on {windows} windows")
     print("| point | model bytes | val_bpb | quant gap | clip offset | pruned | quantize s | pack s | eval s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['point']} | {r['model_bytes']:,} | {r['val_bpb']:.5f} | {r['quant_gap']:+.5f} | {r['clip_offset']} | "
               f"{r['pruned']} | {r['quantize_s']} | {r['pack_s']} | {r['eval_s']} |")
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/quant_table.json").write_text(json.dumps({"target": target, "prequant": prequant,
-                                                                  "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
