@@ -25,7 +25,7 @@ from .registry import Registry
 
 GROUPS = ("attn", "mlp", "embed", "other")
 OFFSET_RANGE = (0.0, 2.0)  # log2 clip multiplier searched to meet a byte target: the configured clip .. 4x
-ADAPTIVE_OFFSET_RANGE = (-1.0, 2.0)  # adaptive clip recenters on the budget both ways
+RATE_OFFSET_RANGE = (-1.0, 2.0)  # where k · std(row) sets the clip, k is a rate knob: the budget is met both ways
 LQER_GROUP = 64  # B's quantization group (records: int4 per 64 values)
 
 
@@ -490,14 +490,21 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
     return x, result, size, checks, searched
 
 
+def clip_is_rate_knob(cfg: QuantConfig) -> bool:
+    """Whether the clip is k · std(row) (SDClip, adaptive clip): then a byte target is met by widening or tightening
+    it. The other clips are the row absmax or the least-error percentile: only widening them trades error for bytes."""
+    return cfg.method in ("sdclip", "adaptive_clip") or (cfg.method == "gptq" and cfg.clip_rule == "sdclip")
+
+
 def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult, dict]:
     """Quantize so the compressed model meets `target` bytes. The sizer estimates a result's blob from the order-0
     entropy of its codes, scaled by what its codecs achieved on samples (`prepare`) or on a whole blob
     (`calibrate`); the clip offset is searched on the estimate, the result is checked with the real codecs
     (`exact`: the blob compress will write), and the estimate re-calibrated there if it is still over. If the
-    widest clip is too large, the cheapest ±1 codes are pruned the same way."""
-    adaptive = problem.cfg.method == "adaptive_clip"
-    lo, hi = ADAPTIVE_OFFSET_RANGE if adaptive else OFFSET_RANGE
+    widest clip is too large, the cheapest ±1 codes are pruned the same way. A k · std clip also spends spare
+    bytes (tighter clip); the others stay at their clip when under the target."""
+    two_sided = clip_is_rate_knob(problem.cfg)
+    lo, hi = RATE_OFFSET_RANGE if two_sided else OFFSET_RANGE
     info: dict = {"clip_offset": 0.0, "pruned_codes": 0}
     if target is None:
         return problem.quantize(0.0), info
@@ -506,7 +513,7 @@ def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult
     sizer.prepare(result)
     info["unfitted_bytes_est"] = round(sizer.estimate(result))
     size, checks = None, 0
-    if not adaptive and info["unfitted_bytes_est"] <= target * (1 - ESTIMATE_SLACK):
+    if not two_sided and info["unfitted_bytes_est"] <= target * (1 - ESTIMATE_SLACK):
         result = problem.finish(result)
         size, checks = sizer.exact(result), 1
     offset, result, size, more, searched = _search(problem.codes, problem.finish, lo, hi, 1e-3, target, sizer,

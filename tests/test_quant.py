@@ -229,7 +229,8 @@ def test_fit_meets_a_target_by_the_clip_offset_then_by_pruning_and_names_an_unre
     with pytest.raises(PgolfError, match=r"quant.target_bytes: 100 is unreachable: the widest clip with every ±1 code "
                                          r"pruned still takes [\d,]+ bytes"):
         fit_target(p, 100, FakeSizer())
-    sizer = FakeSizer()
+    p, sizer = problem("gptq", clip_rule="clip_search"), FakeSizer()
+    natural = FakeSizer().exact(p.quantize())
     result, info = fit_target(p, natural + 3000, sizer)  # comfortably over the estimate: checked once, no search
     assert info["clip_offset"] == 0.0 and info["fitted_bytes"] == natural and sizer.exact_calls == 1
     assert abs(info["unfitted_bytes_est"] - natural) < 0.02 * natural  # the sample-based estimate is close
@@ -244,12 +245,16 @@ def test_fit_plans_the_lqer_stream_it_adds():
     assert sum(q.lqer is not None for q in result.quantized.values()) == 2
 
 
-def test_adaptive_clip_recenters_its_offset_on_the_budget():
-    p = problem("adaptive_clip")
-    sizer = FakeSizer()
-    natural = sizer.exact(p.quantize())
-    result, info = fit_target(p, natural + 2000, FakeSizer())  # room to spare: a tighter clip uses it
-    assert info["clip_offset"] < 0 and natural < info["fitted_bytes"] <= natural + 2000
+@pytest.mark.parametrize("method, rule, spends", [("adaptive_clip", "sdclip", True), ("gptq", "sdclip", True),
+                                                  ("sdclip", "sdclip", True), ("gptq", "clip_search", False)])
+def test_a_k_std_clip_spends_spare_bytes_and_a_least_error_clip_keeps_its_clip(method, rule, spends):
+    p = problem(method, clip_rule=rule)
+    natural = FakeSizer().exact(p.quantize())
+    result, info = fit_target(p, natural + 2000, FakeSizer())  # room to spare: a tighter k uses it
+    if spends:
+        assert info["clip_offset"] < 0 and natural < info["fitted_bytes"] <= natural + 2000
+    else:
+        assert info["clip_offset"] == 0 and info["fitted_bytes"] == natural
 
 
 def test_pruning_zeroes_the_cheapest_plus_minus_ones():
