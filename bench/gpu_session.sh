@@ -30,6 +30,7 @@ p["data"] |= {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "val_docs":
 if preset == "challenge":
     p["data"] |= {"vocab_size": 1024}
 p["train"] |= {"max_seconds": train_s, "checkpoint_every_s": 0, "compile_warmup_steps": 12}
+p["audit"] |= {"train_budget_s": train_s}  # the strict audit holds training + calibration to the cap itself
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 git add -A >/dev/null && git commit -qm "$PRESET on the docs corpus" >/dev/null
