@@ -143,7 +143,7 @@ def _sample(data: bytes) -> bytes:
 
 
 def _in_parallel(work: Callable[[tuple], bytes], jobs: list[tuple], sizes: list[int]) -> list[bytes]:
-    """work(job) for each job, on threads (the codecs release the GIL), largest first; in order."""
+    """work(job) for each job, on threads (zstd, brotli, lzma and ZPAQ release the GIL), largest first; in order."""
     if sum(sizes) < SERIAL_BELOW:
         return [work(j) for j in jobs]
     order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
@@ -270,7 +270,7 @@ def unpack(blob: bytes, where: str = "blob") -> tuple[dict[str, torch.Tensor], d
         raise PgolfError(f"{where}: malformed blob header ({type(e).__name__})") from None
     if sum(s[3] for s in streams) > MAX_RAW:
         raise PgolfError(f"{where}: declares {sum(s[3] for s in streams):,} raw bytes, more than a blob may hold ({MAX_RAW:,})")
-    if chunk < 1 or any(len(p) != -(-raw // chunk) or min(p, default=0) < 0 for _, _, _, raw, p in streams):
+    if chunk < 1 or any(raw < 0 or len(p) != -(-raw // chunk) or min(p, default=0) < 0 for _, _, _, raw, p in streams):
         raise PgolfError(f"{where}: malformed blob header (chunk sizes do not match the streams)")
     if HEAD.size + hpacked + sum(sum(s[4]) for s in streams) != len(blob):
         raise PgolfError(f"{where}: corrupted or truncated blob (stream sizes do not add up to its {len(blob):,} bytes)")

@@ -455,22 +455,30 @@ def smallest_fitting(size: Callable[[float], float], target: float, lo: float, h
 VERIFY_ROUNDS = 4  # estimate-guided searches, each checked with the real codec
 ESTIMATE_SLACK = 0.01  # an estimate this far under the target is checked as it is, without a search
 FIT_SLACK = 2e-4  # a search may stop this far (relative) under the target: 3.2 KB of 16 MB
+UNDER_SLACK = 2e-3  # a checked result further under the target than this is searched once more, re-calibrated
 
 
 def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult], QuantResult], lo: float, hi: float,
             tol: float, target: int, sizer, result: QuantResult,
             size: int | None) -> tuple[float | None, QuantResult, int | None, int, float]:
-    """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs,
-    re-calibrate there and search again while still over (at most VERIFY_ROUNDS times). A calibrated estimate
-    still misses a little away from its calibration point, so a search after a calibrated one that came out over
-    aims that miss (or twice the last margin) below the target. `size` is the exact size of `result` (None: only
-    estimated so far). Returns (x, result, size, codec checks, seconds searching)."""
+    """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs, and
+    re-calibrate there and search again (at most VERIFY_ROUNDS searches) while it is over the target, or once if
+    it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); a search from under
+    that comes out over gives way to the result that fit. A calibrated estimate still misses a little away from
+    its calibration point, so a search after a calibrated one that came out over aims that miss (or twice the
+    last margin) below the target. `size` is the exact size of `result` (None: only estimated so far).
+    Returns (x, result, size, codec checks, seconds searching)."""
     x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
+    fitting: tuple | None = None  # (x, result, size) of the last checked result that fit
     for _ in range(VERIFY_ROUNDS):
-        if size is not None and (size <= target or x == hi):
-            break
         if size is not None:
-            if calibrated:
+            if size <= target:
+                if fitting is not None or x is None or x == lo or size >= target * (1 - UNDER_SLACK):
+                    break
+                fitting = (x, result, size)
+            elif x == hi or fitting is not None:
+                break
+            elif calibrated:
                 margin = max(2 * margin, size - predicted)  # doubled: the miss may be noise, not a trend
             sizer.calibrate(result, size)
             calibrated = True
@@ -487,6 +495,8 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
         made_x, predicted = made[x]
         result = finish(made_x)
         size, checks = sizer.exact(result), checks + 1
+    if fitting is not None and not fitting[2] < size <= target:
+        x, result, size = fitting
     return x, result, size, checks, searched
 
 
