@@ -463,10 +463,10 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
             size: int | None) -> tuple[float | None, QuantResult, int | None, int, float]:
     """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs, and
     re-calibrate there and search again (at most VERIFY_ROUNDS searches) while it is over the target, or once if
-    it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); a search from under
-    that comes out over gives way to the result that fit. A calibrated estimate still misses a little away from
-    its calibration point, so a search after a calibrated one that came out over aims that miss (or twice the
-    last margin) below the target. `size` is the exact size of `result` (None: only estimated so far).
+    it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); if the searches end
+    over, the last result that fit is kept. A calibrated estimate still misses a little away from its
+    calibration point, so a search after a calibrated one that came out over aims that miss (or twice the last
+    margin) below the target. `size` is the exact size of `result` (None: only estimated so far).
     Returns (x, result, size, codec checks, seconds searching)."""
     x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
     fitting: tuple | None = None  # (x, result, size) of the last checked result that fit
@@ -476,7 +476,7 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
                 if fitting is not None or x is None or x == lo or size >= target * (1 - UNDER_SLACK):
                     break
                 fitting = (x, result, size)
-            elif x == hi or fitting is not None:
+            elif x == hi:
                 break
             elif calibrated:
                 margin = max(2 * margin, size - predicted)  # doubled: the miss may be noise, not a trend
