@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+from points import parse_args, print_table, save  # noqa: E402
+
 from pgolf import export, pack, quant  # noqa: E402
 from pgolf.calibrate import collect_hessians  # noqa: E402
 from pgolf.config import load_params  # noqa: E402
@@ -41,8 +43,7 @@ def stand_in_state(model: GPT, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
-    points = [a for a in sys.argv[1:] if not a.startswith("--")] or ["gptq_sd:method=gptq,clip_rule=sdclip"]
+    options, points = parse_args(sys.argv[1:] or ["gptq_sd:method=gptq,clip_rule=sdclip"])
     params = load_params(options.get("preset", "presets/challenge.yaml"))
     out = Path(options.get("out", "bench/results/budget_path.json"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,9 +64,7 @@ def main() -> None:
     print(f"{params_n / 1e6:.1f} M parameters on {device} ({os.cpu_count()} cores), target {target:,} bytes, "
           f"calibration {calibrate_s:.1f} s", flush=True)
     rows = []
-    for point in points:
-        name, _, sets = point.partition(":")
-        values = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in filter(None, sets.split(",")))}
+    for name, values in points:
         cfg = dataclasses.replace(params.quant, **values)
         problem = quant.Problem(state, hessians, shared, cfg)
         counted, codes = [0], problem.codes
@@ -85,15 +84,10 @@ def main() -> None:
                      "compress_s": round(t2 - t1, 1), "unpack_s": round(t3 - t2, 1),
                      "codecs": {n: r["codec"] for n, r in report.items()}})
         print(json.dumps(rows[-1]), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"device": str(device), "cores": os.cpu_count(), "parameters": params_n,
-                                   "target": target, "rows": rows}, indent=1))
-    print("| point | model bytes | clip offset | quantizations | codec checks | fit s | compress s | unpack s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['point']} | {r['model_bytes']:,} | {r['clip_offset']} | {r['quantizations']} | {r['codec_checks']} "
-              f"| {r['fit_s']} | {r['compress_s']} | {r['unpack_s']} |")
-
+        save(out, {"device": str(device), "cores": os.cpu_count(), "parameters": params_n, "target": target}, rows)
+    print_table(rows, {"point": "{point}", "model bytes": "{model_bytes:,}", "clip offset": "{clip_offset}",
+                       "quantizations": "{quantizations}", "codec checks": "{codec_checks}", "fit s": "{fit_s}",
+                       "compress s": "{compress_s}", "unpack s": "{unpack_s}"})
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+from points import parse_args, print_table, save  # noqa: E402
+
 from pgolf import evaluate, export, pack, paths, quant  # noqa: E402
 from pgolf.config import load_params  # noqa: E402
 from pgolf.data import load_val  # noqa: E402
@@ -26,31 +28,21 @@ from pgolf.io import read_json  # noqa: E402
 from pgolf.weights import build_model  # noqa: E402
 
 
-def parse(point: str) -> tuple[str, dict]:
-    name, _, sets = point.partition(":")
-    values = {}
-    for kv in filter(None, sets.split(",")):
-        key, value = kv.split("=")
-        values[key] = int(value) if value.isdigit() else value
-    return name, values
-
-
 def main() -> None:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
-    options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
-    points = [a for a in sys.argv[1:] if not a.startswith("--")]
+    options, points = parse_args(sys.argv[1:])
     target = int(options["target"]) if "target" in options else export.model_budget(params)
     plain_only = options.get("eval", "sliding") == "plain"
+    windows = "plain" if plain_only else "sliding"
     out = Path(options.get("out", "bench/results/quant_table.json"))
     val = load_val(paths.TOKENIZED, model_meta["config"]["vocab_size"])
     prequant = read_json(paths.metrics("ema"))["prequant_val_bpb"]
     sliding = dataclasses.replace(params.eval, mode="sliding")
     plain = dataclasses.replace(params.eval, mode="sliding", stride=0, seq_len=params.ema.eval_seq_len)
     rows = []
-    for point in points:
-        name, sets = parse(point)
+    for name, sets in points:
         cfg = dataclasses.replace(params.quant, **sets)
         t0 = time.perf_counter()
         sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout)
@@ -70,17 +62,11 @@ def main() -> None:
                      "pruned": metrics["pruned_codes"], "lqer_tensors": metrics["lqer_tensors"],
                      "codec_checks": metrics["codec_checks"], "search_s": metrics.get("search_seconds")})
         print(json.dumps(rows[-1]), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"target": target, "prequant": prequant, "eval": "plain" if plain_only else "sliding",
-                                   "rows": rows}, indent=1))  # after every point: a run cut off keeps what it did
-    windows = "plain" if plain_only else "sliding"
+        save(out, {"target": target, "prequant": prequant, "eval": windows}, rows)
     print(f"\ntarget {target:,} model bytes; prequant val_bpb {prequant}; val_bpb on {windows} windows")
-    print("| point | model bytes | val_bpb | quant gap | clip offset | pruned | quantize s | pack s | eval s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['point']} | {r['model_bytes']:,} | {r['val_bpb']:.5f} | {r['quant_gap']:+.5f} | {r['clip_offset']} | "
-              f"{r['pruned']} | {r['quantize_s']} | {r['pack_s']} | {r['eval_s']} |")
-
+    print_table(rows, {"point": "{point}", "model bytes": "{model_bytes:,}", "val_bpb": "{val_bpb:.5f}",
+                       "quant gap": "{quant_gap:+.5f}", "clip offset": "{clip_offset}", "pruned": "{pruned}",
+                       "quantize s": "{quantize_s}", "pack s": "{pack_s}", "eval s": "{eval_s}"})
 
 if __name__ == "__main__":
     main()

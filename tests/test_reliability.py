@@ -358,9 +358,17 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
 
 
 def rank_processes(folder):
-    """The ranks: stage processes whose parent is a stage process."""
-    stages = {p.pid for p in pgolf_processes(folder) if "stages." in " ".join(p.info["cmdline"] or [])}
-    return [pid for pid in stages if psutil.Process(pid).ppid() in stages]
+    """The ranks: the stage processes a launcher started (they hold its error folder in their environment)."""
+    from pgolf.launch import WORKER_ENV
+
+    ranks = []
+    for p in pgolf_processes(folder):
+        try:
+            if WORKER_ENV in p.environ():
+                ranks.append(p)
+        except psutil.Error:
+            pass
+    return ranks
 
 
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])  # dvc runs `$SHELL -c cmd`: dash forks, bash execs
