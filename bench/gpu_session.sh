@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: a preset on the carried docs corpus through `dvc repro` (train capped at TRAIN_S seconds), then
+# One device call: a preset on the carried docs corpus through `dvc repro` (train capped at TRAIN_S seconds; the
+# challenge preset reads it as a FineWeb mirror made by `pgolf mirror`, the record preset as jsonl), then
 # quantizer points on the same checkpoint with `dvc exp run`, each at the baseline's byte target and timed, then
 # (TABLE) bench/quant_table.py's points in one process. Prints the stage times, the audit line and the tables
 # (pgolf compare, quant_table); writes $OUT/session.json and $OUT/quant_table.json.
@@ -21,14 +22,21 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus
 git init -q 2>/dev/null; git config user.email d@d; git config user.name d
 printf '/.whl/\n/.carry/\n' >> .git/info/exclude
 cp "presets/$PRESET.yaml" params.yaml
+if [ "$PRESET" = challenge ]; then  # FineWeb's own path (data.source: fineweb) over a mirror of the docs corpus
+  rm -rf /tmp/mirror; pgolf mirror .carry/docs.jsonl.zst --out /tmp/mirror --vocab 1024 --val-docs 150 \
+    --shard-tokens 20000000 | tee "$OUT/mirror.txt" || exit 1
+fi
 python3 - "$PRESET" "$TRAIN_S" <<'PY'
-import sys, yaml
+import json, sys, yaml
 preset, train_s = sys.argv[1], float(sys.argv[2])
 p = yaml.safe_load(open("params.yaml"))
-p["data"] |= {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "val_docs": 150, "shard_tokens": 20_000_000,
-              "tokenizer_train_chars": 20_000_000}
 if preset == "challenge":
-    p["data"] |= {"vocab_size": 1024}
+    stats = json.load(open("/tmp/mirror/datasets/manifest.json"))["datasets"][0]["stats"]
+    p["data"] |= {"source": "fineweb", "fineweb_variant": "sp1024", "fineweb_mirror": "/tmp/mirror",
+                  "train_shards": stats["files_train"]}
+else:  # the record preset's CaseOps needs raw text
+    p["data"] |= {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "val_docs": 150, "shard_tokens": 20_000_000,
+                  "tokenizer_train_chars": 20_000_000}
 p["train"] |= {"max_seconds": train_s, "checkpoint_every_s": 0, "compile_warmup_steps": 12}
 p["audit"] |= {"train_budget_s": train_s}  # the strict audit holds training + calibration to the cap itself
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)

@@ -31,6 +31,16 @@ def check(args: argparse.Namespace) -> None:
     print(f"{args.params}: valid" + (f"; {', '.join(args.key)}: params" if args.key else ""))
 
 
+def mirror(args: argparse.Namespace) -> None:
+    from .corpus import write_mirror
+
+    manifest = write_mirror(args.corpus, Path(args.out), args.val_docs, args.shard_tokens, args.tokenizer, args.vocab)
+    d = manifest["datasets"][0]
+    print(f"{args.out}: {d['name']}, {d['stats']['files_train']} train shards ({d['stats']['tokens_train']:,} tokens), "
+          f"{d['stats']['files_val']} val ({d['stats']['tokens_val']:,}); data.source: fineweb, "
+          f"data.fineweb_variant: {manifest['tokenizers'][0]['name']}, data.fineweb_mirror: {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf as a DVC pipeline: tools beside "
                                      "`dvc repro` (run them in the repository root).")
@@ -47,6 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--key", action="append", help="also check that this dotted key (as given to -S) is a param")
     p.set_defaults(run=check)
+    p = sub.add_parser("mirror", help="a local jsonl/txt corpus as a FineWeb mirror (for data.fineweb_mirror, offline)")
+    p.add_argument("corpus", nargs="+", help="jsonl, jsonl.zst or txt files, as data.paths")
+    p.add_argument("--out", required=True, help="new folder to write the mirror to")
+    p.add_argument("--tokenizer", help="a SentencePiece model (default: train a BPE of --vocab on the train docs)")
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--val-docs", type=int, default=150, help="the first N documents are the val split")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.set_defaults(run=mirror)
     args = parser.parse_args(argv)
     try:
         args.run(args)

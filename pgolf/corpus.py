@@ -1,7 +1,8 @@
 """Corpora to token shards (the tokenize stage): the built-in demo text, local jsonl/txt, or FineWeb.
 
 Every source writes into a folder: train_*/val_* shards in the challenge's format, tokenizer.model and a
-manifest.json with each shard's token count and sha256; with CaseOps also val_bytes_* shards.
+manifest.json with each shard's token count and sha256; with CaseOps also val_bytes_* shards. `write_mirror`
+turns a local corpus into a FineWeb mirror, so the challenge's own path (`data.source: fineweb`) runs offline.
 """
 
 import itertools
@@ -15,7 +16,7 @@ import numpy as np
 from . import caseops, data, fineweb
 from .config import DataConfig
 from .errors import PgolfError
-from .io import sha256_file, write_json
+from .io import atomic_dir, sha256_file, write_json
 from .registry import Registry
 
 
@@ -172,3 +173,39 @@ def tokenize(cfg: DataConfig, out: Path) -> dict:
     return {"vocab_size": sp.vocab_size(),
             **{f"{s}_{k}": v[k] for s, v in splits.items() for k in ("docs", "tokens") if k in v},
             "val_bpb_bytes": val.total_bytes}
+
+
+def write_mirror(paths: list[str], out: Path, val_docs: int, shard_tokens: int, tokenizer: str | None = None,
+                 vocab_size: int = 1024, tokenizer_chars: int = 20_000_000) -> dict:
+    """A local corpus as a FineWeb mirror in the Hub's layout, what `data.fineweb_mirror` reads: the first
+    `val_docs` documents as fineweb_val_* shards, the rest as fineweb_train_*, each document led by BOS,
+    tokenized by `tokenizer` or by a BPE of `vocab_size` trained on the train documents. Returns the manifest."""
+    data.corpus_files(paths)
+    if out.exists():
+        raise PgolfError(f"{out}: exists; a mirror is written to a new folder")
+    docs = lambda: data.iter_documents(paths)  # noqa: E731
+    with atomic_dir(out) as tmp:
+        top = tmp / fineweb.REMOTE_ROOT
+        (top / "tokenizers").mkdir(parents=True)
+        model = top / "tokenizers" / "tokenizer.model"
+        if tokenizer:
+            data.load_tokenizer(tokenizer)
+            fineweb.link_or_copy(Path(tokenizer), model)
+        else:
+            data.train_tokenizer(itertools.islice(docs(), val_docs, None), vocab_size, model, tokenizer_chars)
+        sp = data.load_tokenizer(model)
+        variant = f"sp{sp.vocab_size()}"
+        model = model.rename(model.with_name(f"fineweb_{sp.vocab_size()}_bpe.model"))
+        shards = top / "datasets" / fineweb.dataset_dir(variant)
+        shards.mkdir(parents=True)
+        splits = tokenize_documents(docs(), sp, shards, val_docs, shard_tokens)
+        for split, info in splits.items():
+            for shard in info["shards"]:
+                (shards / shard["file"]).rename(shards / f"fineweb_{shard['file']}")
+        manifest = {"datasets": [{"name": shards.name, "tokenizer_name": variant,
+                                  "stats": {"files_train": len(splits["train"]["shards"]),
+                                            "files_val": len(splits["val"]["shards"]),
+                                            "tokens_train": splits["train"]["tokens"], "tokens_val": splits["val"]["tokens"]}}],
+                    "tokenizers": [{"name": variant, "model_path": f"tokenizers/{model.name}", "vocab_size": sp.vocab_size()}]}
+        write_json(top / "manifest.json", manifest)
+    return manifest

@@ -219,6 +219,31 @@ CASE_TEXTS = ["The NASA launch of McDonald's iPhone, eBay and OpenAI's GPT-4o in
               "non-ASCII: Éclair ÜBER naïve 東京 🙂", "", "A", "aB1Cd_eF"]
 
 
+def test_a_local_corpus_as_a_fineweb_mirror_takes_the_challenge_path_to_the_same_shards(tmp_path, tokenizer_path):
+    from pgolf.cli import main
+    from pgolf.config import DataConfig
+
+    write_corpus(tmp_path / "corpus", make_docs(61, seed=5))
+    paths = [str(tmp_path / "corpus")]
+    main(["mirror", *paths, "--out", str(tmp_path / "mirror"), "--tokenizer", str(tokenizer_path), "--val-docs", "7",
+          "--shard-tokens", "500"])
+    manifest = json.loads((tmp_path / "mirror/datasets/manifest.json").read_text())
+    files_train = manifest["datasets"][0]["stats"]["files_train"]
+    assert manifest["tokenizers"][0]["name"] == "sp320" and files_train > 1
+    outs = {}
+    for source, extra in (("fineweb", {"fineweb_variant": "sp320", "fineweb_mirror": str(tmp_path / "mirror"),
+                                       "train_shards": files_train}),
+                          ("jsonl", {"paths": paths, "tokenizer": str(tokenizer_path)})):
+        outs[source] = tmp_path / source
+        outs[source].mkdir()
+        corpus.tokenize(DataConfig(source=source, val_docs=7, shard_tokens=500, **extra), outs[source])
+    for split in ("val", "train"):
+        fw, js = data.shard_paths(outs["fineweb"], split), data.shard_paths(outs["jsonl"], split)
+        assert [f.read_bytes() for f in fw] == [f.read_bytes() for f in js] and len(fw) > 0
+    with pytest.raises(SystemExit, match=r"error: pgolf mirror: .*mirror: exists; a mirror is written to a new folder"):
+        main(["mirror", *paths, "--out", str(tmp_path / "mirror")])
+
+
 def test_caseops_is_lossless_and_counts_the_original_bytes():
     g = np.random.default_rng(0)
     alphabet = list("aAbBzZ \n1_é東\ue001\ue002\ue003\ue004")
