@@ -510,9 +510,9 @@ def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult
     """Quantize so the compressed model meets `target` bytes. The sizer estimates a result's blob from the order-0
     entropy of its codes, scaled by what its codecs achieved on samples (`prepare`) or on a whole blob
     (`calibrate`); the clip offset is searched on the estimate, the result is checked with the real codecs
-    (`exact`: the blob compress will write), and the estimate re-calibrated there if it is still over. If the
-    widest clip is too large, the cheapest ±1 codes are pruned the same way. A k · std clip also spends spare
-    bytes (tighter clip); the others stay at their clip when under the target."""
+    (`exact`: the blob compress will write), and the estimate re-calibrated there while it is over (or once if it
+    is far under). If the widest clip is too large, the cheapest ±1 codes are pruned the same way. A k · std clip
+    also spends spare bytes (tighter clip); the others stay at their clip when under the target."""
     two_sided = clip_is_rate_knob(problem.cfg)
     lo, hi = RATE_OFFSET_RANGE if two_sided else OFFSET_RANGE
     info: dict = {"clip_offset": 0.0, "pruned_codes": 0}
