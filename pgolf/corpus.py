@@ -128,18 +128,24 @@ def from_fineweb(cfg: DataConfig, out: Path) -> tuple[dict, str]:
     return splits, f"fineweb {cfg.fineweb_repo} {fineweb.dataset_dir(cfg.fineweb_variant)}, {cfg.train_shards} train shards"
 
 
-def _documents(cfg: DataConfig, docs: Callable, source: str, out: Path) -> tuple[dict, str]:
-    model_path = out / "tokenizer.model"
-    if cfg.tokenizer:
-        data.load_tokenizer(cfg.tokenizer)  # clear error before copying
-        fineweb.link_or_copy(Path(cfg.tokenizer), model_path)
+def _tokenizer(docs: Callable, model_path: Path, tokenizer: str | None, val_docs: int, vocab_size: int,
+               train_chars: int, case_ops: bool = False):
+    """`tokenizer` copied to model_path, or a BPE of `vocab_size` trained there on the train documents; loaded."""
+    if tokenizer:
+        data.load_tokenizer(tokenizer)  # clear error before copying
+        fineweb.link_or_copy(Path(tokenizer), model_path)
     else:
-        train_docs = itertools.islice(docs(), cfg.val_docs, None)
-        if cfg.caseops:
+        train_docs = itertools.islice(docs(), val_docs, None)
+        if case_ops:
             train_docs = map(caseops.encode, train_docs)
-        data.train_tokenizer(train_docs, cfg.vocab_size, model_path, cfg.tokenizer_train_chars,
-                             reserved=caseops.OPERATORS if cfg.caseops else ())
-    sp = data.load_tokenizer(model_path)
+        data.train_tokenizer(train_docs, vocab_size, model_path, train_chars,
+                             reserved=caseops.OPERATORS if case_ops else ())
+    return data.load_tokenizer(model_path)
+
+
+def _documents(cfg: DataConfig, docs: Callable, source: str, out: Path) -> tuple[dict, str]:
+    sp = _tokenizer(docs, out / "tokenizer.model", cfg.tokenizer, cfg.val_docs, cfg.vocab_size,
+                    cfg.tokenizer_train_chars, cfg.caseops)
     splits = tokenize_documents(docs(), sp, out, cfg.val_docs, cfg.shard_tokens, cfg.caseops)
     return splits, source + (", CaseOps" if cfg.caseops else "")
 
@@ -188,12 +194,7 @@ def write_mirror(paths: list[str], out: Path, val_docs: int, shard_tokens: int, 
         top = tmp / fineweb.REMOTE_ROOT
         (top / "tokenizers").mkdir(parents=True)
         model = top / "tokenizers" / "tokenizer.model"
-        if tokenizer:
-            data.load_tokenizer(tokenizer)
-            fineweb.link_or_copy(Path(tokenizer), model)
-        else:
-            data.train_tokenizer(itertools.islice(docs(), val_docs, None), vocab_size, model, tokenizer_chars)
-        sp = data.load_tokenizer(model)
+        sp = _tokenizer(docs, model, tokenizer, val_docs, vocab_size, tokenizer_chars)
         variant = f"sp{sp.vocab_size()}"
         model = model.rename(model.with_name(f"fineweb_{sp.vocab_size()}_bpe.model"))
         shards = top / "datasets" / fineweb.dataset_dir(variant)
