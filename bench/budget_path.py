@@ -67,8 +67,13 @@ def main() -> None:
     for name, values in points:
         cfg = dataclasses.replace(params.quant, **values)
         problem = quant.Problem(state, hessians, shared, cfg)
-        counted, codes = [0], problem.codes
-        problem.codes = lambda offset: (counted.__setitem__(0, counted[0] + 1), codes(offset))[1]
+        offsets: list[float] = []  # every quantization the fit asks for
+
+        def codes(offset: float, quantize=problem.codes) -> quant.QuantResult:
+            offsets.append(offset)
+            return quantize(offset)
+
+        problem.codes = codes
         sizer = pack.Sizer(meta, params.compress.codec, params.compress.layout)
         t0 = time.perf_counter()
         result, info = quant.fit_target(problem, target, sizer)
@@ -78,7 +83,7 @@ def main() -> None:
         pack.unpack(blob)
         t3 = time.perf_counter()
         rows.append({"point": name, **values, "model_bytes": len(blob), "clip_offset": info["clip_offset"],
-                     "pruned": info["pruned_codes"], "quantizations": counted[0], "codec_checks": info["codec_checks"],
+                     "pruned": info["pruned_codes"], "quantizations": len(offsets), "codec_checks": info["codec_checks"],
                      "fit_s": round(t1 - t0, 1), "search_s": info.get("search_seconds"),
                      "codec_plan_s": round(sizer.seconds["plan"], 1), "codec_pack_s": round(sizer.seconds["pack"], 1),
                      "compress_s": round(t2 - t1, 1), "unpack_s": round(t3 - t2, 1),
