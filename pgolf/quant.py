@@ -8,6 +8,7 @@ where the Hessian says it costs least; adaptive clip (parameter-golf PR #1962) g
 its sensitivity; LQER adds a quantized low-rank correction of the error where it cuts the loss most.
 """
 
+import functools
 import math
 import time
 from collections import defaultdict
@@ -25,7 +26,8 @@ from .registry import Registry
 
 GROUPS = ("attn", "mlp", "embed", "other")
 OFFSET_RANGE = (0.0, 2.0)  # log2 clip multiplier searched to meet a byte target: the configured clip .. 4x
-RATE_OFFSET_RANGE = (-1.0, 2.0)  # where k · std(row) sets the clip, k is a rate knob: the budget is met both ways
+RATE_OFFSET_RANGE = (-2.0, 2.0)  # where k · std(row) sets the clip, k is a rate knob: the budget is met both ways
+ADAPTIVE_GROUPS = ("attn", "mlp", "other")  # PR #1962 replaces the matrix clip sigmas; embeddings keep their k
 LQER_GROUP = 64  # B's quantization group (records: int4 per 64 values)
 
 
@@ -126,6 +128,19 @@ def clip_search(W: torch.Tensor, bits: int, k: float, cfg: QuantConfig) -> torch
 def clip_sdclip(W: torch.Tensor, bits: int, k: float, cfg: QuantConfig) -> torch.Tensor:
     """SDClip: clip = k · std(row), not capped at the row's absmax; codes beyond it clamp to ±qmax."""
     return k * W.std(dim=1)
+
+
+@functools.cache
+def least_error_k(bits: int) -> float:
+    """The k whose k · std clip leaves the least squared rounding error on Gaussian rows (int6: about 3.3).
+    Trained rows have heavier tails, so their best k is larger: a k · std clip tighter than this one costs
+    error and bytes both, and the rate search never goes below it."""
+    x = torch.linspace(-10, 10, 1 << 14, dtype=torch.float64)
+    density = torch.exp(-x.square() / 2)
+    ks = torch.arange(1.0, 8.0, 0.02, dtype=torch.float64)
+    step = (ks / qmax(bits))[:, None]
+    err = ((x - torch.clamp(torch.round(x / step), -qmax(bits), qmax(bits)) * step).square() * density).sum(dim=1)
+    return round(float(ks[err.argmin()]), 2)
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -301,8 +316,12 @@ def quantize_with(problem: Problem, rule: str, ks: dict[str, float], offset: flo
     """Clips from `rule` at each tensor's k, widened by 2**offset; GPTQ where a Hessian exists and asked for,
     round-to-nearest elsewhere."""
     cfg, scale = problem.cfg, 2.0 ** offset
-    clips = {t.name: CLIP_RULES[rule](t.W, t.bits, ks[t.name], cfg) * scale for t in problem.tensors}
-    k_used = {t.name: ks[t.name] * scale if rule == "sdclip" else None for t in problem.tensors}
+    if rule == "sdclip":  # the offset moves k itself, and not below the least-error clip
+        k_used = {t.name: max(ks[t.name] * scale, min(ks[t.name], least_error_k(t.bits))) for t in problem.tensors}
+        clips = {t.name: clip_sdclip(t.W, t.bits, k_used[t.name], cfg) for t in problem.tensors}
+    else:
+        k_used = {t.name: None for t in problem.tensors}
+        clips = {t.name: CLIP_RULES[rule](t.W, t.bits, ks[t.name], cfg) * scale for t in problem.tensors}
     out = {t.name: round_rows(t.W, clips[t.name], t.bits, k_used[t.name])
            for t in problem.tensors if not (use_gptq and t.hessian is not None)}
     todo = [t for t in problem.tensors if use_gptq and t.hessian is not None]
@@ -350,10 +369,10 @@ def adaptive_clip(problem: Problem, offset: float) -> dict[str, Quantized]:
 
 def adaptive_ks(problem: Problem) -> dict[str, float]:
     """Adaptive Hessian-sensitivity clip (PR #1962): sensitivity s_t = mean(diag H_t) · mean(row variance of W_t);
-    with z_t its standardized log over the tensors that have a Hessian, k_t = k_group · 2^(−α z_t): tensors that
-    need precision get a tighter clip."""
+    with z_t its standardized log over the matrices that have a Hessian, k_t = k_group · 2^(−α z_t): tensors that
+    need precision get a tighter clip. Embeddings keep their group's k, as PR #1962 leaves EMBED_CLIP_SIGMAS."""
     logs = {t.name: math.log(max(float(t.H.diagonal().mean()) * float(t.W.var(dim=1).mean()), 1e-30))
-            for t in problem.tensors if t.H is not None}
+            for t in problem.tensors if t.H is not None and t.group in ADAPTIVE_GROUPS}
     ks = group_ks(problem)
     if len(logs) < 2:
         return ks

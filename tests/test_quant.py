@@ -101,12 +101,31 @@ def problem(method="gptq", **kw) -> Problem:
 def test_adaptive_clip_gives_the_most_sensitive_tensor_the_smallest_k():
     p = problem("adaptive_clip", sdclip_k=GroupValues(10, 10, 10, 10), adaptive_alpha=0.5)
     ks = quant.adaptive_ks(p)
-    sensitivity = {t.name: float(t.H.diagonal().mean()) * float(t.W.var(dim=1).mean()) for t in p.tensors}
+    matrices = [t for t in p.tensors if t.group != "embed"]
+    sensitivity = {t.name: float(t.H.diagonal().mean()) * float(t.W.var(dim=1).mean()) for t in matrices}
     most = max(sensitivity, key=sensitivity.get)
     assert most == "blocks.1.mlp.fc.weight" and ks[most] == min(ks.values()) < 10
     assert ks[min(sensitivity, key=sensitivity.get)] == max(ks.values()) > 10
+    assert ks["tok_emb.weight"] == 10  # PR #1962 adapts the matrix clips; the embedding keeps EMBED_CLIP_SIGMAS
     result = p.quantize()
     assert {n: q.k for n, q in result.quantized.items()} == pytest.approx(ks)  # the k each tensor was quantized at
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_least_error_k_is_the_least_error_sdclip_on_gaussian_rows(bits):
+    W = torch.randn(256, 4096, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    k = quant.least_error_k(bits)
+    error = lambda k: float((W - round_rows(W, k * W.std(dim=1), bits).dequantize()).square().sum())  # noqa: E731
+    assert error(k) < error(0.85 * k) and error(k) < error(1.15 * k)
+
+
+def test_a_tighter_clip_offset_stops_at_the_least_error_k():
+    """The seeds' k is far above the least-error clip, so tightening it buys precision with bytes; past the
+    least-error clip it would cost both, so a rate search that goes that low meets the floor."""
+    p = problem("gptq", clip_rule="sdclip", sdclip_k=GroupValues(13, 12, 15, 12.85))
+    floored = p.codes(quant.RATE_OFFSET_RANGE[0])
+    assert {q.k for q in floored.quantized.values()} == {quant.least_error_k(6), quant.least_error_k(8)}
+    assert {q.k for q in p.codes(-1.0).quantized.values()} == {6.5, 6.0, 7.5}
 
 
 def test_lqer_lowers_the_hessian_weighted_error():
