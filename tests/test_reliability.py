@@ -1,5 +1,6 @@
 """Resume after kill -9, multi-process training, signals and locks, pickle-free loaders, bad input and one-line errors."""
 
+import dataclasses
 import os
 import pickle
 import re
@@ -15,7 +16,7 @@ import torch
 import yaml
 from conftest import ROOT, run
 
-from pgolf import pack
+from pgolf import config, pack
 from pgolf.checkpoint import load_tensors
 from pgolf.config import load_params
 from pgolf.data import load_tokenizer, read_shard
@@ -237,6 +238,14 @@ def test_bad_params_name_the_key(tmp_path):
     assert load_params(ROOT / "params.yaml").model.layers == 4
     for preset in (ROOT / "presets").glob("*.yaml"):
         assert load_params(preset).model.layers == 11
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *(f"presets/{p.name}" for p in (ROOT / "presets").glob("*.yaml"))])
+def test_every_quantizer_knob_is_in_the_params_files(path):
+    """`dvc exp run -S quant.lqer_rank=4` can only set a key the file has (DVC refuses new keys)."""
+    written = yaml.safe_load((ROOT / path).read_text())
+    for section, cls in (("quant", config.QuantConfig), ("compress", config.CompressConfig)):
+        assert {f.name for f in dataclasses.fields(cls)} <= set(written[section]), f"{path}: {section}"
 
 
 @pytest.mark.parametrize("case, message", BAD_PARAMS[:3] + BAD_PARAMS[5:9])
