@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,11 +75,12 @@ def main() -> None:
             return quantize(offset)
 
         problem.codes = codes
-        sizer = pack.Sizer(meta, params.compress.codec, params.compress.layout)
+        cache = pack.ChunkCache(Path(tempfile.mkdtemp()))  # as the quantize and compress stages share one
+        sizer = pack.Sizer(meta, params.compress.codec, params.compress.layout, cache)
         t0 = time.perf_counter()
         result, info = quant.fit_target(problem, target, sizer)
         t1 = time.perf_counter()
-        blob, report = pack.pack(result, meta, sizer.plan)
+        blob, report = pack.pack(result, meta, sizer.plan, cache)
         t2 = time.perf_counter()
         pack.unpack(blob)
         t3 = time.perf_counter()

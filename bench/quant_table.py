@@ -45,10 +45,10 @@ def main() -> None:
     for name, sets in points:
         cfg = dataclasses.replace(params.quant, **sets)
         t0 = time.perf_counter()
-        sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout)
+        sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout, pack.ChunkCache(paths.PACK_CACHE))
         result, metrics = quant.quantize(state, hessians, shared, cfg, target, sizer)
         t1 = time.perf_counter()
-        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result))
+        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result), sizer.cache)
         t2 = time.perf_counter()
         blob_state, blob_meta = pack.unpack(blob)
         model = build_model(blob_meta, blob_state, device, name)

@@ -16,6 +16,7 @@ in each chunk) and brotli nothing measurable.
 """
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import lzma
@@ -31,6 +32,7 @@ import torch
 
 from . import codecs
 from .errors import PgolfError
+from .io import write_bytes
 from .quant import GROUPS, LowRank, Quantized, QuantResult, group_of
 from .registry import Registry
 from .weights import build_model
@@ -153,9 +155,55 @@ def _in_parallel(work: Callable[[tuple], bytes], jobs: list[tuple], sizes: list[
     return [done[i] for i in range(len(jobs))]
 
 
-def _compress_all(jobs: list[tuple[str, bytes]]) -> list[bytes]:
-    """(codec, data) jobs, compressed in parallel."""
-    return _in_parallel(lambda j: codecs.compress(*j), jobs, [len(d) for _, d in jobs])
+class ChunkCache:
+    """Compressed chunks on disk by codec and content. The quantize stage packs the whole blob to check its size,
+    then compress packs the same streams again, at seconds a chunk for ZPAQ: with one cache folder the second
+    pack compresses nothing. A file holds the sha256 of the packed bytes and the packed bytes (one that does not
+    match is compressed again); past `limit` bytes the least recently used files go."""
+
+    def __init__(self, folder: Path, limit: int = 512 << 20):
+        self.folder, self.limit = Path(folder), limit
+
+    def key(self, codec: str, data: bytes) -> str:
+        return hashlib.sha256(_codecs_source() + codec.encode() + b"\0" + data).hexdigest()
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            held = (self.folder / key).read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(held[32:]).digest() != held[:32]:
+            return None
+        os.utime(self.folder / key)
+        return held[32:]
+
+    def put(self, packed: dict[str, bytes]) -> None:
+        for key, data in packed.items():
+            write_bytes(self.folder / key, hashlib.sha256(data).digest() + data)
+        files = sorted(((f.stat(), f) for f in self.folder.iterdir() if f.is_file()), key=lambda s: -s[0].st_mtime)
+        sizes = np.cumsum([st.st_size for st, _ in files])
+        for (_, f), total in zip(files, sizes):
+            if total > self.limit:
+                f.unlink(missing_ok=True)
+
+
+@functools.cache
+def _codecs_source() -> bytes:
+    """Part of every cache key: a change to a codec's settings makes new chunks."""
+    return hashlib.sha256(Path(codecs.__file__).read_bytes()).digest()
+
+
+def _compress_all(jobs: list[tuple[str, bytes]], cache: ChunkCache | None = None) -> list[bytes]:
+    """(codec, data) jobs, compressed in parallel; those `cache` holds are taken from it."""
+    keys = [cache.key(*j) for j in jobs] if cache else []
+    out = [cache.get(k) for k in keys] if cache else [None] * len(jobs)
+    todo = [i for i, o in enumerate(out) if o is None]
+    made = _in_parallel(lambda j: codecs.compress(*j), [jobs[i] for i in todo], [len(jobs[i][1]) for i in todo])
+    for i, data in zip(todo, made):
+        out[i] = data
+    if cache and todo:
+        cache.put({keys[i]: out[i] for i in todo})
+    return out
 
 
 def _chunks(data: bytes) -> list[bytes]:
@@ -227,12 +275,13 @@ def _pack_header(header: bytes) -> bytes:
     return lzma.compress(header, preset=9 | lzma.PRESET_EXTREME)
 
 
-def pack(result: QuantResult, meta: dict, plan: dict[str, dict]) -> tuple[bytes, dict[str, dict]]:
+def pack(result: QuantResult, meta: dict, plan: dict[str, dict],
+         cache: ChunkCache | None = None) -> tuple[bytes, dict[str, dict]]:
     """The blob for `result`, each stream with the layout and codec `plan` names; also a report per stream
     (raw, order-0 entropy and packed bytes)."""
     order, raws, entries = _layouts(result, plan)
     jobs = [(n, plan[n]["codec"], c) for n in order for c in _chunks(raws[n])]
-    packed_chunks = _compress_all([(codec, c) for _, codec, c in jobs])
+    packed_chunks = _compress_all([(codec, c) for _, codec, c in jobs], cache)
     packed = {n: [p for (m, _, _), p in zip(jobs, packed_chunks) if m == n] for n in order}
     header = _header(meta, plan, order, raws, [[len(p) for p in packed[n]] for n in order], entries)
     digest = hashlib.sha256(header + b"".join(raws[n] for n in order)).digest()
@@ -353,8 +402,8 @@ class Sizer:
     first call), or estimated from the order-0 entropy of each group's codes, scaled by the packed/entropy
     ratio measured at the last calibration."""
 
-    def __init__(self, meta: dict, codec: str, layout: str):
-        self.meta, self.codec, self.layout = meta, codec, layout
+    def __init__(self, meta: dict, codec: str, layout: str, cache: ChunkCache | None = None):
+        self.meta, self.codec, self.layout, self.cache = meta, codec, layout, cache
         self.plan: dict | None = None
         self.report: dict = {}
         self.seconds = {"plan": 0.0, "pack": 0.0}  # where the exact sizes' time went
@@ -369,7 +418,7 @@ class Sizer:
         if missing:
             self.plan |= plan_streams(result, self.codec, self.layout, missing)
         t1 = time.perf_counter()
-        blob, self.report = pack(result, self.meta, self.plan)
+        blob, self.report = pack(result, self.meta, self.plan, self.cache)
         self.seconds["plan"] += t1 - t0
         self.seconds["pack"] += time.perf_counter() - t1
         return len(blob)

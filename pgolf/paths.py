@@ -12,6 +12,7 @@ CHECKPOINT = ARTIFACTS / "train" / "checkpoint"  # resumable state of an unfinis
 PICKED = ARTIFACTS / "ema" / "model.safetensors"  # the weights quantization starts from
 HESSIANS = ARTIFACTS / "calibrate" / "hessians.safetensors"
 QUANTIZED = ARTIFACTS / "quantize" / "quantized.safetensors"
+PACK_CACHE = ARTIFACTS / "cache" / "chunks"  # compressed chunks quantize and compress share; not a stage out
 BLOB = ARTIFACTS / "compress" / "model.blob"  # the model bytes that count
 BLOB_INFO = ARTIFACTS / "compress" / "model.json"  # its sha256, streams and codec plan
 EVAL_EVIDENCE = ARTIFACTS / "eval" / "evidence.json"  # coverage, hardware, inputs, test-time training record

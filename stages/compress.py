@@ -14,7 +14,7 @@ def main() -> dict:
     t0 = time.perf_counter()
     # quantize's plan, where it sized the blob with one (its trials ran on the same tensors at the configured clip)
     plan = meta.pop("plan", None) or pack.plan_streams(result, cfg.codec, cfg.layout)
-    blob, report = pack.pack(result, meta, plan)
+    blob, report = pack.pack(result, meta, plan, pack.ChunkCache(paths.PACK_CACHE))
     seconds = time.perf_counter() - t0
     write_bytes(paths.BLOB, blob)
     write_json(paths.BLOB_INFO, {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "streams": report,

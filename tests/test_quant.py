@@ -191,6 +191,28 @@ def test_streams_are_cut_into_chunks_that_give_the_same_blob_on_any_core_count(m
     assert pack.pack(result, {}, plan)[0] == blob
 
 
+def test_a_chunk_cache_shared_by_two_packs_compresses_each_chunk_once(tmp_path, monkeypatch):
+    """The quantize stage packs the blob to check its size, compress packs it again: the second pack is free."""
+    result = problem().quantize()
+    plan = pack.plan_streams(result, "zpaq", "int8")
+    monkeypatch.setattr(pack, "CHUNK", 1000)
+    calls = []
+    compress = codecs.compress
+    monkeypatch.setattr(codecs, "compress", lambda codec, data: calls.append(codec) or compress(codec, data))
+    fresh, _ = pack.pack(result, {}, plan)
+    chunks = len(calls)
+    cache = pack.ChunkCache(tmp_path / "chunks")
+    assert pack.pack(result, {}, plan, cache)[0] == fresh and len(calls) == 2 * chunks
+    assert pack.pack(result, {}, plan, cache)[0] == fresh and len(calls) == 2 * chunks  # all from the cache
+    damaged = sorted(cache.folder.iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
+    assert pack.pack(result, {}, plan, cache)[0] == fresh and len(calls) == 2 * chunks + 1  # that one again
+    held = sum(f.stat().st_size for f in cache.folder.iterdir())
+    small = pack.ChunkCache(cache.folder, limit=held // 2)
+    small.put({"0" * 64: b"new"})
+    assert sum(f.stat().st_size for f in cache.folder.iterdir()) <= held // 2 and (cache.folder / ("0" * 64)).exists()
+
+
 def test_auto_picks_per_stream_and_is_deterministic():
     result = problem().quantize()
     plan = pack.plan_streams(result)
