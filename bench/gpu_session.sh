@@ -16,7 +16,10 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/bin:/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python
+# `python` as the stages run it, logging each process's start and end to $OUT/proc.log (where the time of a
+# `dvc exp run` goes: the stages' work, their start-up, DVC between them)
+mkdir -p /tmp/bin && printf '#!/bin/sh\necho "$(date +%%s.%%N) start $*" >> %s/proc.log\n%s "$@"; rc=$?\necho "$(date +%%s.%%N) end $*" >> %s/proc.log\nexit $rc\n' \
+  "$OUT" "$(command -v python3)" "$OUT" > /tmp/bin/python && chmod +x /tmp/bin/python
 printf '#!/bin/sh\nexec python3 -m pgolf.cli "$@"\n' > /tmp/bin/pgolf && chmod +x /tmp/bin/pgolf
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 git init -q 2>/dev/null; git config user.email d@d; git config user.name d
@@ -57,8 +60,9 @@ for point in ${SWEEP:-}; do
   name=${point%%:*}; sets=${point#*:}
   [ $(( $(date +%s) - START )) -lt "$BUDGET_S" ] || { echo "skipped $name: out of time" | tee -a "$OUT/sweep.txt"; continue; }
   args=(-S "quant.target_bytes=$TARGET"); IFS=, read -ra kv <<< "$sets"; for x in "${kv[@]}"; do args+=(-S "$x"); done
-  t1=$(date +%s.%N)
+  t1=$(date +%s.%N); echo "$t1 exp $name" >> "$OUT/proc.log"
   dvc exp run -n "$name" "${args[@]}" > "$OUT/exp_$name.log" 2>&1; rc=$?
+  echo "$(date +%s.%N) exp done" >> "$OUT/proc.log"
   wall=$(python3 -c "import time; print(round(time.time() - $t1, 1))")
   echo "$name rc=$rc wall=${wall}s $(grep -o "Running stage '[a-z]*'" "$OUT/exp_$name.log" | tr '\n' ' ')" | tee -a "$OUT/sweep.txt"
   tail -2 "$OUT/exp_$name.log" | head -1
@@ -83,5 +87,12 @@ for s in ("tokenize", "train", "ema", "calibrate", "quantize", "compress", "eval
         pass
 json.dump({"preset": preset, "train_s": float(train_s), "stages": stages,
            "sweep": open(f"{out}/sweep.txt").read().splitlines()}, open(f"{out}/session.json", "w"), indent=1)
+PY
+python3 - "$OUT/proc.log" <<'PY'
+import sys
+lines = [l.split(" ", 1) for l in open(sys.argv[1]).read().splitlines()]
+t0 = float(lines[0][0])
+for t, what in lines:
+    print(f"{float(t) - t0:8.2f} {what[:60]}")
 PY
 echo "session took $(( $(date +%s) - START ))s"

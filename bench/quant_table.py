@@ -2,9 +2,11 @@
 
 Reads the artifacts a `dvc repro` left (picked weights, Hessians, the tokenized val split, params.yaml) and, per
 point, fits the model to the target exactly as the quantize stage does, packs the blob as compress does and
-scores it as eval does (sliding windows at eval.stride: test-time training, if the preset has it, is left out to
-compare the quantizers alone; `--eval=plain` scores only the non-overlapping windows the quant gap uses, which is
-much faster). Prints a table, writes bench/results/quant_table.json (or --out=PATH).
+scores the weights it holds as eval does. Those weights are taken from the quantized result, not decoded from the
+blob: the tests check that unpacking gives them bit for bit, and ZPAQ's decode takes seconds. Sliding windows at
+eval.stride: test-time training, if the preset has it, is left out to compare the quantizers alone; `--eval=plain`
+scores only the non-overlapping windows the quant gap uses, which is much faster. Prints a table, writes
+bench/results/quant_table.json (or --out=PATH).
     python bench/quant_table.py [--target=BYTES] [--eval=plain] gptq_cs:method=gptq,clip_rule=clip_search \
         adaptive_lqer:method=adaptive_clip,lqer_rank=4
 (default target: quant.target_bytes resolved as the quantize stage does)
@@ -50,8 +52,7 @@ def main() -> None:
         t1 = time.perf_counter()
         blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result), sizer.cache)
         t2 = time.perf_counter()
-        blob_state, blob_meta = pack.unpack(blob)
-        model = build_model(blob_meta, blob_state, device, name)
+        model = build_model(model_meta, result.dequantized(), device, name)
         p = evaluate.evaluate(model, val, plain, device)[0]
         same = plain_only or evaluate.like_for_like(sliding, plain.seq_len)
         s = p if same else evaluate.evaluate(model, val, sliding, device)[0]
