@@ -75,13 +75,14 @@ def main() -> None:
             return quantize(offset)
 
         problem.codes = codes
-        cache = pack.ChunkCache(Path(tempfile.mkdtemp()))  # as the quantize and compress stages share one
-        sizer = pack.Sizer(meta, params.compress.codec, params.compress.layout, cache)
-        t0 = time.perf_counter()
-        result, info = quant.fit_target(problem, target, sizer)
-        t1 = time.perf_counter()
-        blob, report = pack.pack(result, meta, sizer.plan, cache)
-        t2 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:  # one chunk cache, as the quantize and compress stages share
+            cache = pack.ChunkCache(Path(folder))
+            sizer = pack.Sizer(meta, params.compress.codec, params.compress.layout, cache)
+            t0 = time.perf_counter()
+            result, info = quant.fit_target(problem, target, sizer)
+            t1 = time.perf_counter()
+            blob, report = pack.pack(result, meta, sizer.plan, cache)
+            t2 = time.perf_counter()
         pack.unpack(blob)
         t3 = time.perf_counter()
         rows.append({"point": name, **values, "model_bytes": len(blob), "clip_offset": info["clip_offset"],
