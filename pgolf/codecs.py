@@ -4,6 +4,10 @@ A codec is a compress function and a decompress function that never returns more
 damaged or crafted stream cannot make the reader allocate more than the blob declares). Adding one is a
 `Codec` with an unused id. ZPAQ (context mixing, as in records' `lrzip -z`) and PPMd come within a few
 tenths of a percent of the order-0 entropy of quantized weights; zstd, brotli and lzma are the usual ones.
+
+Rows quantized with a k · std(row) clip all follow one code distribution, so little context is left to model:
+`zpaq_o1` runs libzpaq with a small model (order-0 ICM, order-1 ISSE, a mixer, an SSE stage) that lands on the
+order-0 entropy of such codes at about ten times the speed of ZPAQ's level 5, in both directions.
 """
 
 import io
@@ -17,6 +21,7 @@ from .errors import PgolfError
 from .registry import Registry
 
 PPMD_ORDER, PPMD_MEMORY = 2, 64 << 20
+ZPAQ_O1 = "x4.0ci1ms"  # 16 MiB blocks, no transform; ICM order 0, ISSE order 1, mixer, SSE (libzpaq.h's syntax)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,12 @@ def _zpaq_compress(data: bytes) -> bytes:
     return zpaq.compress(data, level=5, threads=1)  # one block: the same bytes on any machine; pack runs chunks in parallel
 
 
+def _zpaq_o1_compress(data: bytes) -> bytes:
+    import zpaq
+
+    return zpaq.compress(data, threads=1, method=ZPAQ_O1)
+
+
 def _zpaq_decompress(data: bytes, limit: int) -> bytes:
     import zpaq
 
@@ -100,6 +111,7 @@ CODECS.add("brotli", Codec(2, _brotli_compress, _brotli_decompress))
 CODECS.add("lzma", Codec(3, lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), _lzma_decompress))
 CODECS.add("zpaq", Codec(4, _zpaq_compress, _zpaq_decompress))
 CODECS.add("ppmd", Codec(5, _ppmd_compress, _ppmd_decompress))
+CODECS.add("zpaq_o1", Codec(6, _zpaq_o1_compress, _zpaq_decompress))
 BY_ID = {c.id: name for name, c in CODECS.items()}
 
 

@@ -208,7 +208,7 @@ BAD_PARAMS = [  # (params.yaml text or a change to the demo's, the one line expe
     ({"calibrate": {"source": "val"}}, r"calibrate.source: 'val'; expected one of train, self"),
     ({"quant": {"method": "awq"}}, r"quant.method: 'awq'; expected one of rtn, clip_search, sdclip, gptq, adaptive_clip"),
     ({"quant": {"clip_rule": "mse"}}, r"quant.clip_rule: 'mse'; expected one of rtn, clip_search, sdclip"),
-    ({"compress": {"codec": "gzip"}}, r"compress.codec: 'gzip'; expected one of auto, zstd, brotli, lzma, zpaq, ppmd"),
+    ({"compress": {"codec": "gzip"}}, r"compress.codec: 'gzip'; expected one of auto, zstd, brotli, lzma, zpaq, ppmd, zpaq_o1"),
     ({"compress": {"layout": "int4"}}, r"compress.layout: 'int4'; expected one of auto, int8, bitpack"),
     ({"data": {"source": "hub"}}, r"data.source: 'hub'; expected one of fineweb, jsonl, builtin"),
     ({"train": {"nproc_per_node": "all"}}, r"train.nproc_per_node: 'all'; expected a value matching gpu\|\[1-9\]"),
