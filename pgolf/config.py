@@ -298,7 +298,7 @@ def _registry(ref: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _check_field(value: Any, rules: dict, key: str) -> None:
+def _check_field(value: Any, rules: dict, key: str, choices: bool = True) -> None:
     if value is None or (isinstance(value, str) and value in rules.get("also", ())):
         return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -311,23 +311,24 @@ def _check_field(value: Any, rules: dict, key: str) -> None:
     if isinstance(value, str):
         if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
             raise PgolfError(f"{key}: {value!r}; expected a value matching {rules['pattern']}")
-        if "choices" in rules:
+        if choices and "choices" in rules:
             registry = _registry(rules["choices"])
             if value not in registry:
                 valid = [*rules.get("also", ()), *registry]
                 raise PgolfError(f"{key}: {value!r}; expected one of {', '.join(valid)}")
 
 
-def check_fields(obj: Any, where: str = "", skip: tuple[str, ...] = ()) -> None:
-    """Every field's own rule (range, choice, pattern), recursively; `skip` names top-level sections to leave."""
+def check_fields(obj: Any, where: str = "", skip: tuple[str, ...] = (), choices: bool = True) -> None:
+    """Every field's own rule (range, choice, pattern), recursively; `skip` names top-level sections to leave,
+    `choices=False` leaves the registry lookups out."""
     for f in dataclasses.fields(obj):
         if f.name in skip:
             continue
         value, key = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(value):
-            check_fields(value, key)
+            check_fields(value, key, choices=choices)
         else:
-            _check_field(value, dict(f.metadata), key)
+            _check_field(value, dict(f.metadata), key, choices)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -389,8 +390,10 @@ def find_key(key: str) -> None:
         cls, where = typing.get_type_hints(cls)[part], f"{where}.{part}" if where else part
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Parse and check params.yaml; any problem is one PgolfError line naming the file and the param."""
+def load_params(path: str | Path = "params.yaml", choices: bool = True) -> Params:
+    """Parse and check params.yaml; any problem is one PgolfError line naming the file and the param.
+    `choices=False` skips the registry lookups, which import the registries' modules (torch and triton, seconds
+    on a GPU host): for stages that use no registry (audit, export), run after the check stage has looked them up."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -402,7 +405,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise PgolfError(f"{path}: expected a mapping of sections")
     try:
         params = build(Params, raw)
-        check_fields(params)
+        check_fields(params, choices=choices)
         check_combinations(params)
     except PgolfError as e:
         raise PgolfError(f"{path}: {e}") from None

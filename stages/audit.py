@@ -11,7 +11,7 @@ from pgolf.io import read_json, write_json
 
 
 def main() -> dict:
-    params = load_params()
+    params = load_params(choices=False)
     m = {s: read_json(paths.metrics(s)) for s in ("train", "calibrate", "eval")}
     run, ev = read_json(paths.TRAIN_RUN), read_json(paths.EVAL_EVIDENCE)
     evidence = audit.Evidence(

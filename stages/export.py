@@ -5,7 +5,7 @@ from pgolf.config import load_params
 
 
 def main() -> None:
-    script = export.export_run(load_params(), paths.EXPORT)
+    script = export.export_run(load_params(choices=False), paths.EXPORT)
     print(f"export: {script} ({script.stat().st_size:,} bytes), final_model.blob, submission.json, README.md")
 
 

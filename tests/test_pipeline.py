@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,6 +57,9 @@ def test_whole_pipeline_fits_the_budget_then_experiments_rerun_only_what_changed
     assert audit["code_bytes"] == (repo / "artifacts" / "export" / "train_gpt.py").stat().st_size
     base = read_metrics(repo, "eval")
     assert base["quant_gap"] == round(base["val_bpb_plain"] - read_metrics(repo, "ema")["prequant_val_bpb"], 6)
+    for stage in ("audit", "export"):  # they use no registry: no torch import (seconds of every exp run on a GPU host)
+        imported = run([sys.executable, "-X", "importtime", "-m", f"stages.{stage}"], repo).stderr
+        assert re.search(r"\|\s+pgolf\.config$", imported, re.M) and not re.search(r"\|\s+torch$", imported, re.M)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
     kept = [repo / "artifacts/train/model/ema.safetensors", repo / "artifacts/ema/model.safetensors",
