@@ -57,13 +57,15 @@ class Score:
 
 class Scorer:
     """Scores windows of one validation split and keeps the ledger: sums, and per target position how many
-    times it was scored (this rank's share; `finish` sums over ranks and checks the coverage)."""
+    times it was scored (this rank's share; `finish` sums over ranks and checks the coverage). Everything stays
+    on the device until `finish`: a host read per batch would drain the GPU's queue every batch."""
 
     def __init__(self, val: ValSplit, seq_len: int, batch_seqs: int, temperature: float, device: torch.device):
         self.val, self.batch_seqs, self.temperature, self.device = val, batch_seqs, temperature, device
         self.L = min(seq_len, val.tokens.numel() - 1)
-        self.parts = [0.0, 0, 0]
+        self.nll_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.counts = torch.zeros(val.tokens.numel(), dtype=torch.int32, device=device)
+        self.tokens = val.tokens.to(device)
         self.bytes = val.target_bytes.to(device)
 
     @torch.no_grad()
@@ -71,30 +73,28 @@ class Scorer:
         was_training = model.training
         model.eval()
         L = self.L
+        spans = torch.tensor([(w.start, w.score_from, w.score_to) for w in wins], dtype=torch.long).to(self.device)
+        offsets = torch.arange(L + 1, device=self.device)
         for i in range(0, len(wins), self.batch_seqs):
-            batch = wins[i:i + self.batch_seqs]
-            starts = torch.tensor([w.start for w in batch], device=self.device)
-            idx = torch.stack([self.val.tokens[w.start:w.start + L + 1] for w in batch]).to(self.device)
+            starts, score_from, score_to = spans[i:i + self.batch_seqs].unbind(1)
+            idx = self.tokens[starts[:, None] + offsets]
             with autocast(self.device):
                 nll = model.token_nll(idx[:, :-1], idx[:, 1:], self.temperature).double()
-            offsets = torch.arange(L, device=self.device)[None, :]
-            keep = ((offsets >= torch.tensor([w.score_from for w in batch], device=self.device)[:, None])
-                    & (offsets < torch.tensor([w.score_to for w in batch], device=self.device)[:, None]))
-            pos = (starts[:, None] + 1 + offsets)[keep]
+            keep = (offsets[None, :L] >= score_from[:, None]) & (offsets[None, :L] < score_to[:, None])
+            pos = (starts[:, None] + 1 + offsets[None, :L])[keep]
             self.counts.index_put_((pos,), torch.ones_like(pos, dtype=torch.int32), accumulate=True)
-            self.parts[0] += float(nll[keep].sum())
-            self.parts[1] += int(self.bytes[pos].sum())
-            self.parts[2] += int(pos.numel())
+            self.nll_sum += nll[keep].sum()
         model.train(was_training)
 
     def finish(self, what: str) -> Score:
         """Sum over ranks; a non-finite score or a target scored other than exactly once is an error."""
-        nll_sum, n_bytes, n_tokens = all_sum(self.parts, self.device)
         counts = self.counts.clone()
         if rank_world()[1] > 1:
             import torch.distributed as dist
 
             dist.all_reduce(counts)
+        parts = [float(self.nll_sum), int((self.bytes * self.counts).sum()), int(self.counts.sum())]
+        nll_sum, n_bytes, n_tokens = all_sum(parts, self.device)
         score = Score(nll_sum, int(n_bytes), int(n_tokens))
         check_coverage(counts, score, self.val, what)
         return score
