@@ -2,10 +2,11 @@
 # One device call: a preset on the carried docs corpus through `dvc repro` (train capped at TRAIN_S seconds; the
 # challenge preset reads it as a FineWeb mirror made by `pgolf mirror`, the record preset as jsonl), then
 # quantizer points on the same checkpoint with `dvc exp run`, each at the baseline's byte target and timed, then
-# (TABLE) bench/quant_table.py's points in one process. Prints the stage times, the audit line and the tables
-# (pgolf compare, quant_table); writes $OUT/session.json and $OUT/quant_table.json.
+# (TABLE) bench/quant_table.py's points in one process; (CODECS) bench/codec_table.py on the baseline's codes first.
+# Prints the stage times, the audit line and the tables (pgolf compare, quant_table); writes $OUT/session.json,
+# $OUT/quant_table.json and $OUT/codec_table.json.
 #   PRESET=challenge TRAIN_S=120 SWEEP="gptq_cs:quant.method=gptq,quant.clip_rule=clip_search ..." \
-#     TABLE="--eval=plain gptq_cs:method=gptq,clip_rule=clip_search ..." bash bench/gpu_session.sh
+#     TABLE="--eval=plain gptq_cs:method=gptq,clip_rule=clip_search ..." CODECS="zpaq zpaq_o1" bash bench/gpu_session.sh
 # Expects .whl/ (dvc and what the image lacks; none: the environment has them) and .carry/docs.jsonl.zst. Starts no
 # sweep point or table after BUDGET_S seconds.
 set -uo pipefail
@@ -53,6 +54,7 @@ for s in tokenize train ema calibrate quantize compress eval audit; do
 done | tee "$OUT/stages.txt"
 cat artifacts/train/run.json artifacts/compress/model.json 2>/dev/null | python3 -c "import sys; print(sys.stdin.read()[:3000])"
 git add -A >/dev/null; git commit -qm baseline >/dev/null
+[ -z "${CODECS:-}" ] || python3 bench/codec_table.py --out="$OUT/codec_table.json" $CODECS
 TARGET=$(python3 -c "import json; print(json.load(open('artifacts/quantize/metrics.json'))['target_bytes'])")
 echo "sweep at quant.target_bytes=$TARGET"
 : > "$OUT/sweep.txt"

@@ -1,0 +1,52 @@
+"""Each codec on the whole of each stream of a quantized model, cut into the blob's chunks and compressed on all
+cores as pack does: bytes against the order-0 entropy, and the seconds to compress and to decompress. The plan's
+sample trials decide the blob; this says what each codec does on all of it.
+    python bench/codec_table.py [--quantized=artifacts/quantize/quantized.safetensors] [--out=PATH] zpaq zpaq_o1 brotli
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from points import print_table, save  # noqa: E402
+
+from pgolf import codecs, pack, quant  # noqa: E402
+
+
+def main() -> None:
+    options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["zpaq", "zpaq_o1", "brotli"]
+    result, _ = quant.load_quantized(options.get("quantized", "artifacts/quantize/quantized.safetensors"))
+    out = Path(options.get("out", "bench/results/codec_table.json"))
+    streams, _ = pack._streams(result)
+    raws = {n: s.build(pack._layout("int8" if s.codes else "raw"))[0] for n, s in streams.items()}
+    rows = []
+    for codec in names:
+        jobs = [(codec, c) for raw in raws.values() for c in pack._chunks(raw)]
+        t0 = time.perf_counter()
+        packed = pack._compress_all(jobs)
+        t1 = time.perf_counter()
+        pack._in_parallel(lambda j: codecs.decompress(codecs.CODECS[codec].id, j[0], j[1], codec),
+                          [(p, len(c)) for p, (_, c) in zip(packed, jobs)], [len(c) for _, c in jobs])
+        t2 = time.perf_counter()
+        sizes, i = {}, 0
+        for n, raw in raws.items():
+            k = len(pack._chunks(raw))
+            sizes[n], i = sum(map(len, packed[i:i + k])), i + k
+        codes = sum(v for n, v in sizes.items() if n.startswith("codes."))
+        entropy = sum(codecs.entropy_bytes(raws[n]) for n in raws if n.startswith("codes."))
+        rows.append({"codec": codec, "codes_bytes": codes, "vs_order0": round(codes / entropy - 1, 5),
+                     "total_bytes": sum(sizes.values()), "compress_s": round(t1 - t0, 2),
+                     "decompress_s": round(t2 - t1, 2), "streams": sizes})
+        print(json.dumps(rows[-1]), flush=True)
+        save(out, {"cores": os.cpu_count(), "codes_entropy_bytes": round(entropy)}, rows)
+    print_table(rows, {"codec": "{codec}", "codes bytes": "{codes_bytes:,}", "vs order-0": "{vs_order0:+.3%}",
+                       "all streams": "{total_bytes:,}", "compress s": "{compress_s}",
+                       "decompress s": "{decompress_s}"})
+
+
+if __name__ == "__main__":
+    main()
