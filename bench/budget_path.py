@@ -90,7 +90,7 @@ def main() -> None:
                      "fit_s": round(t1 - t0, 1), "search_s": info.get("search_seconds"),
                      "codec_plan_s": round(sizer.seconds["plan"], 1), "codec_pack_s": round(sizer.seconds["pack"], 1),
                      "compress_s": round(t2 - t1, 1), "unpack_s": round(t3 - t2, 1),
-                     "codecs": {n: r["codec"] for n, r in report.items()}})
+                     "codecs": {n: r["codec"] for n, r in report.items()}, "offsets": [round(o, 4) for o in offsets]})
         print(json.dumps(rows[-1]), flush=True)
         save(out, {"device": str(device), "cores": os.cpu_count(), "parameters": params_n, "target": target}, rows)
     print_table(rows, {"point": "{point}", "model bytes": "{model_bytes:,}", "clip offset": "{clip_offset}",

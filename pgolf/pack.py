@@ -220,24 +220,30 @@ def _allowed(value: str, registry: Registry, key: str) -> list[str]:
 def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
                  names: set[str] | None = None) -> dict[str, dict]:
     """Per stream (or those in `names`), the (layout, codec) pair that compresses a sample of it smallest, and each
-    pair's size extrapolated from the sample."""
+    tried pair's size extrapolated from the sample. Every codec is tried on the first allowed layout, then the
+    winner on the others: a layout changes how a codec sees the codes, not which codec models them best, and the
+    trials of the slowest codecs are the plan's time."""
     streams, _ = _streams(result)
     streams = {n: s for n, s in streams.items() if names is None or n in names}
     codec_names = _allowed(codec, codecs.CODECS, "compress.codec")
     layout_names = _allowed(layout, LAYOUTS, "compress.layout")
-    trials = []  # (stream, layout, codec, raw size, sample)
-    for s in streams.values():
-        for lay in (layout_names if s.codes else ["raw"]):
-            raw, _ = s.build(_layout(lay))
-            trials += [(s.name, lay, c, len(raw), _sample(raw)) for c in codec_names]
-    sizes = _compress_all([(c, sample) for _, _, c, _, sample in trials])
     plan: dict[str, dict] = {}
-    for (name, lay, c, n, sample), packed in zip(trials, sizes):
-        estimate = round(len(packed) * n / max(len(sample), 1))
-        entry = plan.setdefault(name, {"trials": {}})
-        entry["trials"][f"{c}_{lay}"] = estimate
-        if "codec" not in entry or estimate < entry["estimate"]:
-            entry.update(codec=c, layout=lay, estimate=estimate)
+
+    def trial(pairs: list[tuple[_Stream, str, list[str]]]) -> None:  # (stream, layout, codecs)
+        jobs = []  # (stream, layout, codec, raw size, sample)
+        for s, lay, names_ in pairs:
+            raw, _ = s.build(_layout(lay))
+            jobs += [(s.name, lay, c, len(raw), _sample(raw)) for c in names_]
+        for (name, lay, c, n, sample), packed in zip(jobs, _compress_all([(c, x) for _, _, c, _, x in jobs])):
+            estimate = round(len(packed) * n / max(len(sample), 1))
+            entry = plan.setdefault(name, {"trials": {}})
+            entry["trials"][f"{c}_{lay}"] = estimate
+            if "codec" not in entry or estimate < entry["estimate"]:
+                entry.update(codec=c, layout=lay, estimate=estimate)
+
+    layouts = {n: layout_names if s.codes else ["raw"] for n, s in streams.items()}
+    trial([(s, layouts[n][0], codec_names) for n, s in streams.items()])
+    trial([(s, lay, [plan[n]["codec"]]) for n, s in streams.items() for lay in layouts[n][1:]])
     return plan
 
 

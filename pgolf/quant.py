@@ -475,20 +475,24 @@ VERIFY_ROUNDS = 4  # estimate-guided searches, each checked with the real codec
 ESTIMATE_SLACK = 0.01  # an estimate this far under the target is checked as it is, without a search
 FIT_SLACK = 2e-4  # a search may stop this far (relative) under the target: 3.2 KB of 16 MB
 UNDER_SLACK = 2e-3  # a checked result further under the target than this is searched once more, re-calibrated
+REFINE_SPAN = 1 / 16  # a re-calibrated search starts from the last x and looks this share of the range beyond it
 
 
 def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult], QuantResult], lo: float, hi: float,
-            tol: float, target: int, sizer, result: QuantResult,
-            size: int | None) -> tuple[float | None, QuantResult, int | None, int, float]:
+            tol: float, target: int, sizer, result: QuantResult, size: int | None,
+            at: float) -> tuple[float | None, QuantResult, int | None, int, float]:
     """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs, and
     re-calibrate there and search again (at most VERIFY_ROUNDS searches) while it is over the target, or once if
     it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); if the searches end
     over, the last result that fit is kept. A calibrated estimate still misses a little away from its
     calibration point, so a search after a calibrated one that came out over aims that miss (or twice the last
-    margin) below the target. `size` is the exact size of `result` (None: only estimated so far).
+    margin) below the target. A re-calibrated search moves little: it brackets the answer between the last x
+    and a point REFINE_SPAN of the range beyond it (the whole side if that is not enough), and every make(x) is
+    kept for the later searches. `result` is make(at), and `size` its exact size (None: only estimated so far).
     Returns (x, result, size, codec checks, seconds searching)."""
     x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
     fitting: tuple | None = None  # (x, result, size) of the last checked result that fit
+    made: dict[float, QuantResult] = {at: result}
     for _ in range(VERIFY_ROUNDS):
         if size is not None:
             if size <= target:
@@ -502,17 +506,26 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
             sizer.calibrate(result, size)
             calibrated = True
         t0 = time.perf_counter()
-        made: dict[float, tuple[QuantResult, float]] = {}
 
         def estimate(v: float) -> float:
-            r = make(v)
-            made[v] = (r, sizer.estimate(r))
-            return made[v][1]
+            if v not in made:
+                made[v] = make(v)
+            return sizer.estimate(made[v])
 
-        x = smallest_fitting(estimate, target - margin, lo, hi, tol, target * FIT_SLACK)
+        aim, slack = target - margin, target * FIT_SLACK
+        if x is None:
+            x = smallest_fitting(estimate, aim, lo, hi, tol, slack)
+        else:
+            span = REFINE_SPAN * (hi - lo)
+            a, b = (x, min(hi, x + span)) if size > target else (max(lo, x - span), x)
+            x = smallest_fitting(estimate, aim, a, b, tol, slack)
+            if x == a > lo and estimate(a) <= aim:  # the answer lies below the bracket
+                x = smallest_fitting(estimate, aim, lo, a, tol, slack)
+            elif x == b < hi and estimate(b) > aim:  # ... or above it
+                x = smallest_fitting(estimate, aim, b, hi, tol, slack)
         searched += time.perf_counter() - t0
-        made_x, predicted = made[x]
-        result = finish(made_x)
+        predicted = estimate(x)
+        result = finish(made[x])
         size, checks = sizer.exact(result), checks + 1
     if fitting is not None and not fitting[2] < size <= target:
         x, result, size = fitting
@@ -546,7 +559,7 @@ def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult
         result = problem.finish(result)
         size, checks = sizer.exact(result), 1
     offset, result, size, more, searched = _search(problem.codes, problem.finish, lo, hi, 1e-3, target, sizer,
-                                                   result, size)
+                                                   result, size, at=0.0)
     info |= {"clip_offset": round(offset or 0.0, 4), "search_seconds": round(searched, 3)}
     checks += more
     if size > target:
@@ -564,7 +577,7 @@ def _prune_to(result: QuantResult, problem: Problem, target: int, sizer, size: i
         raise PgolfError(f"quant.target_bytes: {target:,} is unreachable: the widest clip with every ±1 code "
                          f"pruned still takes {floor:,} bytes ({floor - target:,} over); lower quant.bits or the model size")
     prune = lambda n: apply_pruning(result, candidates, names, int(n))  # noqa: E731
-    n, pruned, size, checks, _ = _search(prune, lambda r: r, 0, total, 1, target, sizer, result, size)
+    n, pruned, size, checks, _ = _search(prune, lambda r: r, 0, total, 1, target, sizer, result, size, at=0)
     if size <= target:
         return pruned, size, int(n), checks + 1
     return prune(total), floor, total, checks + 1
