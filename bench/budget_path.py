@@ -77,7 +77,8 @@ def main() -> None:
         problem.codes = codes
         with tempfile.TemporaryDirectory() as folder:  # one chunk cache, as the quantize and compress stages share
             cache = pack.ChunkCache(Path(folder))
-            sizer = pack.Sizer(meta, params.compress.codec, params.compress.layout, cache)
+            c = params.compress
+            sizer = pack.Sizer(meta, c.codec, c.layout, cache, c.auto_slack_bytes)
             t0 = time.perf_counter()
             result, info = quant.fit_target(problem, target, sizer)
             t1 = time.perf_counter()

@@ -47,7 +47,8 @@ def main() -> None:
     for name, sets in points:
         cfg = dataclasses.replace(params.quant, **sets)
         t0 = time.perf_counter()
-        sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout, pack.ChunkCache(paths.PACK_CACHE))
+        c = params.compress
+        sizer = pack.Sizer(model_meta, c.codec, c.layout, pack.ChunkCache(paths.PACK_CACHE), c.auto_slack_bytes)
         result, metrics = quant.quantize(state, hessians, shared, cfg, target, sizer)
         t1 = time.perf_counter()
         blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result), sizer.cache)

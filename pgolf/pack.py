@@ -217,12 +217,20 @@ def _allowed(value: str, registry: Registry, key: str) -> list[str]:
     return [value]
 
 
+def _choose(trials: dict[str, int], slack: int) -> tuple[str, str, int]:
+    """(codec, layout, estimate): of the pairs within `slack` bytes of the smallest, the fastest to decode."""
+    best = min(trials.values())
+    near = [(*key.rsplit("_", 1), size) for key, size in trials.items() if size <= best + slack]
+    return min(near, key=lambda t: (codecs.CODECS[t[0]].decode_s_per_mib, t[2]))
+
+
 def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
-                 names: set[str] | None = None) -> dict[str, dict]:
+                 names: set[str] | None = None, slack: int = 0) -> dict[str, dict]:
     """Per stream (or those in `names`), the (layout, codec) pair that compresses a sample of it smallest, and each
     tried pair's size extrapolated from the sample. Every codec is tried on the first allowed layout, then the
-    winner on the others: a layout changes how a codec sees the codes, not which codec models them best, and the
-    trials of the slowest codecs are the plan's time."""
+    chosen one on the others: a layout changes how a codec sees the codes, not which codec models them best, and
+    the trials of the slowest codecs are the plan's time. A pair within `slack` bytes of the smallest that decodes
+    faster is taken instead (ZPAQ's level 5 takes seconds a MiB, both ways, for a fraction of a percent)."""
     streams, _ = _streams(result)
     streams = {n: s for n, s in streams.items() if names is None or n in names}
     codec_names = _allowed(codec, codecs.CODECS, "compress.codec")
@@ -235,11 +243,9 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
             raw, _ = s.build(_layout(lay))
             jobs += [(s.name, lay, c, len(raw), _sample(raw)) for c in names_]
         for (name, lay, c, n, sample), packed in zip(jobs, _compress_all([(c, x) for _, _, c, _, x in jobs])):
-            estimate = round(len(packed) * n / max(len(sample), 1))
-            entry = plan.setdefault(name, {"trials": {}})
-            entry["trials"][f"{c}_{lay}"] = estimate
-            if "codec" not in entry or estimate < entry["estimate"]:
-                entry.update(codec=c, layout=lay, estimate=estimate)
+            plan.setdefault(name, {"trials": {}})["trials"][f"{c}_{lay}"] = round(len(packed) * n / max(len(sample), 1))
+        for entry in plan.values():
+            entry["codec"], entry["layout"], entry["estimate"] = _choose(entry["trials"], slack)
 
     layouts = {n: layout_names if s.codes else ["raw"] for n, s in streams.items()}
     trial([(s, layouts[n][0], codec_names) for n, s in streams.items()])
@@ -408,8 +414,8 @@ class Sizer:
     first call), or estimated from the order-0 entropy of each group's codes, scaled by the packed/entropy
     ratio measured at the last calibration."""
 
-    def __init__(self, meta: dict, codec: str, layout: str, cache: ChunkCache | None = None):
-        self.meta, self.codec, self.layout, self.cache = meta, codec, layout, cache
+    def __init__(self, meta: dict, codec: str, layout: str, cache: ChunkCache | None = None, slack: int = 0):
+        self.meta, self.codec, self.layout, self.cache, self.slack = meta, codec, layout, cache, slack
         self.plan: dict | None = None
         self.report: dict = {}
         self.seconds = {"plan": 0.0, "pack": 0.0}  # where the exact sizes' time went
@@ -419,10 +425,10 @@ class Sizer:
     def exact(self, result: QuantResult) -> int:
         t0 = time.perf_counter()
         if self.plan is None:
-            self.plan = plan_streams(result, self.codec, self.layout)
+            self.plan = plan_streams(result, self.codec, self.layout, slack=self.slack)
         missing = set(_streams(result)[0]) - set(self.plan)  # LQER's stream appears once the factors are added
         if missing:
-            self.plan |= plan_streams(result, self.codec, self.layout, missing)
+            self.plan |= plan_streams(result, self.codec, self.layout, missing, self.slack)
         t1 = time.perf_counter()
         blob, self.report = pack(result, self.meta, self.plan, self.cache)
         self.seconds["plan"] += t1 - t0
@@ -432,7 +438,7 @@ class Sizer:
     def prepare(self, result: QuantResult) -> None:
         """Make the codec plan and a first calibration from its sample trials (no whole blob compressed)."""
         t0 = time.perf_counter()
-        self.plan = plan_streams(result, self.codec, self.layout)
+        self.plan = plan_streams(result, self.codec, self.layout, slack=self.slack)
         self.seconds["plan"] += time.perf_counter() - t0
         entropy = group_entropy(result)
         self.ratio = {g: self.plan[f"codes.{g}"]["estimate"] / max(h, 1e-9) for g, h in entropy.items()}

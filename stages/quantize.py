@@ -10,7 +10,8 @@ def main() -> dict:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
-    sizer = pack.Sizer(model_meta, params.compress.codec, params.compress.layout, pack.ChunkCache(paths.PACK_CACHE))
+    c = params.compress
+    sizer = pack.Sizer(model_meta, c.codec, c.layout, pack.ChunkCache(paths.PACK_CACHE), c.auto_slack_bytes)
     result, metrics = quant.quantize(state, hessians, shared, params.quant, export.model_budget(params), sizer)
     quant.save_quantized(paths.QUANTIZED, result, model_meta | {"plan": sizer.plan})
     return metrics | {f"codec_{k}_seconds": round(v, 3) for k, v in sizer.seconds.items()}

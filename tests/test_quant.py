@@ -44,7 +44,8 @@ def test_gptq_beats_rtn_on_hessian_weighted_error(seed, bits):
 
 
 def test_batched_gptq_equals_one_matrix_at_a_time():
-    """Matrices sharing a Hessian are stacked and same shapes batched: the codes are those of separate runs."""
+    """Matrices sharing a Hessian are stacked, and stacks of one column count batched (the shorter padded with zero
+    rows): the codes are those of separate runs."""
     (W1, H1), (W2, H2), (W3, _) = random_problem(1), random_problem(2), random_problem(3, rows=20)
     p1, p2 = prepare_hessian(H1, 0.01, True, "a"), prepare_hessian(H2, 0.01, True, "b")
     Ws, ps, bits = [W1, W2, W3], [p1, p2, p1], [6, 4, 5]
@@ -223,6 +224,22 @@ def test_auto_picks_per_stream_and_is_deterministic():
     assert set(trials) == {f"{c}_int8" for c in codecs.CODECS} | {f"{best}_bitpack"}
     digests = {hashlib.sha256(packed(result)[0]).hexdigest() for _ in range(2)}
     assert len(digests) == 1
+
+
+def test_auto_takes_a_faster_codec_within_the_slack_and_the_smallest_without_it():
+    result = problem().quantize()
+    smallest, slack = pack.plan_streams(result), 3000
+    relaxed = pack.plan_streams(result, slack=slack)
+    speed = lambda e: codecs.CODECS[e["codec"]].decode_s_per_mib  # noqa: E731
+    for name, entry in relaxed.items():
+        assert entry["estimate"] <= min(entry["trials"].values()) + slack
+        assert speed(entry) <= speed(smallest[name])
+        faster = [k for k, v in entry["trials"].items() if v <= min(entry["trials"].values()) + slack
+                  and codecs.CODECS[k.rsplit("_", 1)[0]].decode_s_per_mib < speed(entry)]
+        assert not faster, (name, faster)
+    assert any(relaxed[n]["codec"] != smallest[n]["codec"] for n in relaxed)  # the slack changed some choice
+    blob, report = pack.pack(result, {}, relaxed)
+    assert {n: r["codec"] for n, r in report.items()} == {n: e["codec"] for n, e in relaxed.items()}
 
 
 @pytest.mark.parametrize("codec", sorted(codecs.CODECS))
