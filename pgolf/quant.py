@@ -204,23 +204,28 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, clip: torch.Tensor, damp: 
 def gptq_many(Ws: list[torch.Tensor], prepared: list[PreparedHessian], clips: list[torch.Tensor],
               bits: list[int], block_size: int, ks: list[float | None] | None = None) -> list[Quantized]:
     """GPTQ of many matrices. GPTQ treats rows independently given H, so matrices sharing a Hessian (q, k, v)
-    are stacked into one; stacked matrices of the same shape then run as one batch."""
+    are stacked into one; stacked matrices with the same column count then run as one batch, the shorter ones
+    padded with zero rows (the column loop launches a few kernels per column: one loop for all is the saving)."""
     ks = ks or [None] * len(Ws)
     sharing: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prepared):
         sharing[id(p)].append(i)
-    by_shape: dict[tuple, list] = defaultdict(list)
+    by_cols: dict[int, list] = defaultdict(list)
     for idx in sharing.values():
         p = prepared[idx[0]]
         W = torch.cat([Ws[i].float() for i in idx])[:, p.perm]
         W[:, p.dead[p.perm]] = 0
         scale = torch.cat([(clips[i] / qmax(bits[i])).clamp_min(1e-8).half().float() for i in idx])
         qm = torch.cat([torch.full((Ws[i].size(0),), float(qmax(bits[i])), device=W.device) for i in idx])
-        by_shape[tuple(W.shape)].append((idx, W, p, scale, qm))
+        by_cols[W.size(1)].append((idx, W, p, scale, qm))
     out: list[Quantized] = [None] * len(Ws)  # type: ignore[list-item]
-    for batch in by_shape.values():
-        codes = gptq_batch(*(torch.stack(x) for x in zip(*[(W, p.hinv, s, q) for _, W, p, s, q in batch])),
-                           block_size)
+    for batch in by_cols.values():
+        rows = max(W.size(0) for _, W, _, _, _ in batch)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.size(0)), value=value)  # noqa: E731
+        codes = gptq_batch(torch.stack([pad(W, 0.0) for _, W, _, _, _ in batch]),
+                           torch.stack([p.hinv for _, _, p, _, _ in batch]),
+                           torch.stack([pad(s, 1.0) for _, _, _, s, _ in batch]),
+                           torch.stack([pad(q, 0.0) for _, _, _, _, q in batch]), block_size)
         for c, (idx, _, p, scale, _) in zip(codes, batch):
             c = c[:, torch.argsort(p.perm)]
             start = 0
