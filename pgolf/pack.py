@@ -239,9 +239,9 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
 
     def trial(pairs: list[tuple[_Stream, str, list[str]]]) -> None:  # (stream, layout, codecs)
         jobs = []  # (stream, layout, codec, raw size, sample)
-        for s, lay, names_ in pairs:
+        for s, lay, tried in pairs:
             raw, _ = s.build(_layout(lay))
-            jobs += [(s.name, lay, c, len(raw), _sample(raw)) for c in names_]
+            jobs += [(s.name, lay, c, len(raw), _sample(raw)) for c in tried]
         for (name, lay, c, n, sample), packed in zip(jobs, _compress_all([(c, x) for _, _, c, _, x in jobs])):
             plan.setdefault(name, {"trials": {}})["trials"][f"{c}_{lay}"] = round(len(packed) * n / max(len(sample), 1))
         for entry in plan.values():
