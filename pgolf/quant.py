@@ -511,11 +511,14 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
             sizer.calibrate(result, size)
             calibrated = True
         t0 = time.perf_counter()
+        estimates: dict[float, float] = {}  # this round's, under this round's calibration
 
         def estimate(v: float) -> float:
             if v not in made:
                 made[v] = make(v)
-            return sizer.estimate(made[v])
+            if v not in estimates:
+                estimates[v] = sizer.estimate(made[v])
+            return estimates[v]
 
         aim, slack = target - margin, target * FIT_SLACK
         if x is None:
