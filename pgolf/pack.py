@@ -217,10 +217,16 @@ def _allowed(value: str, registry: Registry, key: str) -> list[str]:
     return [value]
 
 
+def trial_pair(key: str) -> tuple[str, str]:
+    """(codec, layout) of a plan's trial key `codec_layout` (codec names may hold underscores, layouts do not)."""
+    codec, layout = key.rsplit("_", 1)
+    return codec, layout
+
+
 def _choose(trials: dict[str, int], slack: int) -> tuple[str, str, int]:
     """(codec, layout, estimate): of the pairs within `slack` bytes of the smallest, the fastest to decode."""
     best = min(trials.values())
-    near = [(*key.rsplit("_", 1), size) for key, size in trials.items() if size <= best + slack]
+    near = [(*trial_pair(key), size) for key, size in trials.items() if size <= best + slack]
     return min(near, key=lambda t: (codecs.CODECS[t[0]].decode_s_per_mib, t[2]))
 
 

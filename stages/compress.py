@@ -24,7 +24,7 @@ def main() -> dict:
     for entry in codes.values():
         best: dict[str, int] = {}
         for trial, size in entry["trials"].items():
-            codec = trial.rsplit("_", 1)[0]
+            codec, _ = pack.trial_pair(trial)
             best[codec] = min(best.get(codec, size), size)
         for codec, size in best.items():
             estimates[codec] = estimates.get(codec, 0) + size
