@@ -23,9 +23,10 @@ def main() -> None:
     out = Path(options.get("out", "bench/results/codec_table.json"))
     streams, _ = pack._streams(result)
     raws = {n: s.build(pack._layout("int8" if s.codes else "raw"))[0] for n, s in streams.items()}
+    chunks = {n: pack._chunks(raw) for n, raw in raws.items()}
     rows = []
     for codec in names:
-        jobs = [(codec, c) for raw in raws.values() for c in pack._chunks(raw)]
+        jobs = [(codec, c) for cs in chunks.values() for c in cs]
         t0 = time.perf_counter()
         packed = pack._compress_all(jobs)
         t1 = time.perf_counter()
@@ -33,9 +34,8 @@ def main() -> None:
                           [(p, len(c)) for p, (_, c) in zip(packed, jobs)], [len(c) for _, c in jobs])
         t2 = time.perf_counter()
         sizes, i = {}, 0
-        for n, raw in raws.items():
-            k = len(pack._chunks(raw))
-            sizes[n], i = sum(map(len, packed[i:i + k])), i + k
+        for n, cs in chunks.items():
+            sizes[n], i = sum(map(len, packed[i:i + len(cs)])), i + len(cs)
         codes = sum(v for n, v in sizes.items() if n.startswith("codes."))
         entropy = sum(codecs.entropy_bytes(raws[n]) for n in raws if n.startswith("codes."))
         rows.append({"codec": codec, "codes_bytes": codes, "vs_order0": round(codes / entropy - 1, 5),
