@@ -81,9 +81,10 @@ class Scorer:
             with autocast(self.device):
                 nll = model.token_nll(idx[:, :-1], idx[:, 1:], self.temperature).double()
             keep = (offsets[None, :L] >= score_from[:, None]) & (offsets[None, :L] < score_to[:, None])
-            pos = (starts[:, None] + 1 + offsets[None, :L])[keep]
-            self.counts.index_put_((pos,), torch.ones_like(pos, dtype=torch.int32), accumulate=True)
-            self.nll_sum += nll[keep].sum()
+            # masks as weights, not as indices: x[mask] has a data-dependent size, a host sync every batch
+            pos = starts[:, None] + 1 + offsets[None, :L]
+            self.counts.index_add_(0, pos.reshape(-1), keep.reshape(-1).int())
+            self.nll_sum += torch.where(keep, nll, 0.0).sum()
         model.train(was_training)
 
     def finish(self, what: str) -> Score:

@@ -26,6 +26,7 @@ def main() -> dict | None:
     blob_sha = read_json(paths.BLOB_INFO)["sha256"]
     model = pack.load_model(paths.BLOB, rt.device, blob_sha)
     val = load_val(paths.TOKENIZED, model.cfg.vocab_size)
+    load_seconds = time.perf_counter() - t0  # decoding the blob and building the model, inside eval_seconds
     s, record = evaluate.evaluate(model, val, cfg, rt.device)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
@@ -51,6 +52,7 @@ def main() -> dict | None:
         "bytes_expected": val.total_bytes, "gpu": runtime.gpu_name(rt.device),
         "gpu_count": rt.world if rt.device.type == "cuda" else 0, "inputs": inputs, "mode": cfg.mode, **record})
     return {"val_bpb": round(s.bpb, 6), "val_loss": round(s.loss, 6), "eval_seconds": round(seconds, 3),
+            "load_seconds": round(load_seconds, 3),
             "val_bpb_plain": round(plain.bpb, 6), "quant_gap": round(plain.bpb - prequant, 6),
             "window_gain": round(plain.bpb - s.bpb, 6)}
 

@@ -234,3 +234,18 @@ def test_eval_is_deterministic(sp):
     a = score(model, split(tokens, sp), 32, stride=8, batch_seqs=4)
     b = score(model, split(tokens, sp), 32, stride=8, batch_seqs=4)
     assert (a.nll_sum, a.bytes, a.tokens) == (b.nll_sum, b.bytes, b.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a device queue")
+def test_scoring_a_batch_never_waits_for_the_device(sp):
+    model = randomized(GPT(tiny_model(xsa_last=1)), 8).cuda()
+    tokens, _ = val_stream(sp)
+    scorer = Scorer(split(tokens, sp), 32, 4, 1.0, torch.device("cuda"))
+    wins = windows(tokens.numel(), 32, 8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scorer.score(model, wins)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert scorer.finish("eval").tokens == tokens.numel() - 1
