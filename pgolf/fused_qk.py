@@ -142,9 +142,8 @@ def _new_qkv(qkv: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor
     return tuple(qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
 
 
-@torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=())
-def _qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                  heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
+                    heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, _ = qkv.shape
     q, k, v = _new_qkv(qkv, heads, kv_heads)
     _fwd_kernel[_grid(B * T, heads, kv_heads)](
@@ -153,15 +152,8 @@ def _qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain:
     return q, k, v
 
 
-@_qk_norm_rope.register_fake
-def _(qkv, cos, sin, gain, heads, kv_heads):
-    return _new_qkv(qkv, heads, kv_heads)
-
-
-@torch.library.custom_op("pgolf::qk_norm_rope_backward", mutates_args=())
-def _qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
-                           cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                           heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, gain: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, W = qkv.shape
     D = W // (heads + 2 * kv_heads)
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
@@ -173,6 +165,27 @@ def _qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)), num_warps=NUM_WARPS)
     return dqkv, dgain_parts[:, :heads].sum(0).to(gain.dtype)
+
+
+# Under torch.compile the kernels are custom ops, opaque to the tracer. Outside it they run from an autograd
+# Function: a custom op's first call imports dynamo and inductor (4-6 s on the GPU host), which a stage that only
+# evaluates the model would pay for nothing.
+@torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=())
+def _qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
+                  heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(qkv, cos, sin, gain, heads, kv_heads)
+
+
+@_qk_norm_rope.register_fake
+def _(qkv, cos, sin, gain, heads, kv_heads):
+    return _new_qkv(qkv, heads, kv_heads)
+
+
+@torch.library.custom_op("pgolf::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
+                           heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward(dq, dk, dv, qkv, cos, sin, gain, heads, kv_heads)
 
 
 @_qk_norm_rope_backward.register_fake
@@ -195,8 +208,22 @@ def _backward(ctx, dq, dk, dv):
 _qk_norm_rope.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerQKNormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, gain, heads, kv_heads):
+        _setup_context(ctx, (qkv, cos, sin, gain, heads, kv_heads), None)
+        return _launch_forward(qkv, cos, sin, gain, heads, kv_heads)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        qkv, cos, sin, gain = ctx.saved_tensors
+        dqkv, dgain = _launch_backward(dq, dk, dv, qkv, cos, sin, gain, ctx.heads, ctx.kv_heads)
+        return dqkv, None, None, dgain, None, None
+
+
 def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_gain: torch.Tensor,
                  heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, (heads + 2 kv_heads) D) qkv rows -> q, k, v as (B, T, heads or kv_heads, D): q and k RMS-normed
     per head, rotated by the (T, rd) cos/sin tables, q times q_gain per head."""
-    return _qk_norm_rope(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_gain, heads, kv_heads)
+    op = _qk_norm_rope if torch.compiler.is_compiling() else _EagerQKNormRope.apply
+    return op(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_gain, heads, kv_heads)

@@ -73,7 +73,10 @@ class Scorer:
         was_training = model.training
         model.eval()
         L = self.L
-        spans = torch.tensor([(w.start, w.score_from, w.score_to) for w in wins], dtype=torch.long).to(self.device)
+        spans = torch.tensor([(w.start, w.score_from, w.score_to) for w in wins], dtype=torch.long)
+        if self.device.type == "cuda":  # a copy from pageable memory waits for the queue to drain
+            spans = spans.pin_memory()
+        spans = spans.to(self.device, non_blocking=True)
         offsets = torch.arange(L + 1, device=self.device)
         for i in range(0, len(wins), self.batch_seqs):
             starts, score_from, score_to = spans[i:i + self.batch_seqs].unbind(1)

@@ -240,8 +240,9 @@ def test_eval_is_deterministic(sp):
 def test_scoring_a_batch_never_waits_for_the_device(sp):
     model = randomized(GPT(tiny_model(xsa_last=1)), 8).cuda()
     tokens, _ = val_stream(sp)
-    scorer = Scorer(split(tokens, sp), 32, 4, 1.0, torch.device("cuda"))
     wins = windows(tokens.numel(), 32, 8)
+    Scorer(split(tokens, sp), 32, 4, 1.0, torch.device("cuda")).score(model, wins)  # first calls: handles, kernels
+    scorer = Scorer(split(tokens, sp), 32, 4, 1.0, torch.device("cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -14,12 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A separate interpreter: TRITON_INTERPRET must be set before triton is imported.
 SCRIPT = textwrap.dedent("""
+    import sys
+
     import torch
     from conftest import tiny_model
     from pgolf import fused_qk
     from pgolf.model import GPT, qk_norm_rope
 
     torch.manual_seed(0)
+    # the eager path leaves torch.compile's machinery unimported (a custom op's first call imports it: seconds)
+    loss = sum(o.sum() for o in fused_qk.qk_norm_rope(torch.randn(1, 4, 64, requires_grad=True), torch.ones(4, 4),
+                                                       torch.zeros(4, 4), torch.ones(2), 2, 1))
+    loss.backward()
+    compile_modules = [m for m in sys.modules if m.startswith(("torch._dynamo", "torch._inductor"))]
+    assert not compile_modules, compile_modules[:5]
+
     # full rope, partial rope, no unrotated rest with odd sizes, a head dim that is no power of two,
     # a row count that leaves the last tile partial
     for B, T, H, KV, D, rd in [(2, 37, 4, 2, 16, 8), (1, 20, 2, 1, 32, 4), (2, 9, 2, 1, 24, 12), (3, 5, 2, 2, 24, 6)]:
@@ -28,11 +37,14 @@ SCRIPT = textwrap.dedent("""
         cos, sin = angles.cos(), angles.sin()
         gain = (1 + torch.rand(H)).requires_grad_()
         assert fused_qk.usable(qkv)
-        outs = [fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV), qk_norm_rope(qkv, cos, sin, gain, H, KV)]
-        weights = [torch.randn_like(o) for o in outs[1]]
+        # eager (an autograd Function), the custom op a compiled graph calls, and the definition
+        outs = [fused_qk.qk_norm_rope(qkv, cos, sin, gain, H, KV), fused_qk._qk_norm_rope(qkv, cos, sin, gain, H, KV),
+                qk_norm_rope(qkv, cos, sin, gain, H, KV)]
+        weights = [torch.randn_like(o) for o in outs[-1]]
         grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), (qkv, gain)) for out in outs]
-        for got, want in zip(list(outs[0]) + list(grads[0]), list(outs[1]) + list(grads[1])):
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        for out, grad in zip(outs[:2], grads[:2]):
+            for got, want in zip(list(out) + list(grad), list(outs[-1]) + list(grads[-1])):
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
     # the whole model: fused kernels vs the torch path, with the options that touch q, k and v
     model = GPT(tiny_model(rope_dims=4, ve_last=2, xsa_last=1))
