@@ -490,8 +490,9 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
     re-calibrate there and search again (at most VERIFY_ROUNDS searches) while it is over the target, or once if
     it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); if the searches end
     over, the last result that fit is kept. A calibrated estimate still misses a little away from its
-    calibration point, so a search after a calibrated one that came out over aims that miss (or twice the last
-    margin) below the target. A re-calibrated search moves little: it brackets the answer between the last x
+    calibration point, so a calibrated search aims FIT_SLACK below the target (a miss that small then lands
+    under, not over and checked again), and one after a calibrated check that came out over aims that miss (or
+    twice the last margin) below. A re-calibrated search moves little: it brackets the answer between the last x
     and a point REFINE_SPAN of the range beyond it (the whole side if that is not enough), and every make(x) is
     kept for the later searches. `result` is make(at), and `size` its exact size (None: only estimated so far).
     Returns (x, result, size, codec checks, seconds searching)."""
@@ -520,7 +521,8 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
                 estimates[v] = sizer.estimate(made[v])
             return estimates[v]
 
-        aim, slack = target - margin, target * FIT_SLACK
+        slack = target * FIT_SLACK
+        aim = target - (max(margin, slack) if calibrated else margin)
         if x is None:
             x = smallest_fitting(estimate, aim, lo, hi, tol, slack)
         else:
