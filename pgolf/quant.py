@@ -481,6 +481,7 @@ ESTIMATE_SLACK = 0.01  # an estimate this far under the target is checked as it 
 FIT_SLACK = 2e-4  # a search may stop this far (relative) under the target: 3.2 KB of 16 MB
 UNDER_SLACK = 2e-3  # a checked result further under the target than this is searched once more, re-calibrated
 REFINE_SPAN = 1 / 16  # a re-calibrated search starts from the last x and looks this share of the range beyond it
+CALIBRATED_MISS = 3e-4  # a calibrated estimate's miss a refinement away (relative; the full-size stand-in: 0.03 %)
 
 
 def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult], QuantResult], lo: float, hi: float,
@@ -490,9 +491,9 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
     re-calibrate there and search again (at most VERIFY_ROUNDS searches) while it is over the target, or once if
     it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); if the searches end
     over, the last result that fit is kept. A calibrated estimate still misses a little away from its
-    calibration point, so a calibrated search aims FIT_SLACK below the target (a miss that small then lands
+    calibration point, so a calibrated search aims CALIBRATED_MISS below the target (a miss that small then lands
     under, not over and checked again), and one after a calibrated check that came out over aims that miss (or
-    twice the last margin) below. A re-calibrated search moves little: it brackets the answer between the last x
+    twice the last margin) below, if larger. A re-calibrated search moves little: it brackets the answer between the last x
     and a point REFINE_SPAN of the range beyond it (the whole side if that is not enough), and every make(x) is
     kept for the later searches. `result` is make(at), and `size` its exact size (None: only estimated so far).
     Returns (x, result, size, codec checks, seconds searching)."""
@@ -522,7 +523,7 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
             return estimates[v]
 
         slack = target * FIT_SLACK
-        aim = target - (max(margin, slack) if calibrated else margin)
+        aim = target - (max(margin, target * CALIBRATED_MISS) if calibrated else margin)
         if x is None:
             x = smallest_fitting(estimate, aim, lo, hi, tol, slack)
         else:

@@ -472,8 +472,8 @@ def test_hessians_are_fp32_shared_by_q_k_v_and_include_the_tied_head():
 
 
 class SlightlyOptimisticSizer:
-    """Sizes in proportion to the codes' entropy; estimates 3 % high until calibrated, then 0.015 % low (less than
-    FIT_SLACK): how a calibrated estimate misses away from the point it was calibrated at."""
+    """Sizes in proportion to the codes' entropy; estimates 3 % high until calibrated, then low by less than
+    CALIBRATED_MISS: how a calibrated estimate misses away from the point it was calibrated at."""
 
     def __init__(self):
         self.calibrated, self.sizes = False, []
@@ -492,12 +492,13 @@ class SlightlyOptimisticSizer:
         self.calibrated = True
 
     def estimate(self, result):
-        return self.true(result) * ((1 - 0.75 * quant.FIT_SLACK) if self.calibrated else 1.03)
+        return self.true(result) * ((1 - 0.75 * quant.CALIBRATED_MISS) if self.calibrated else 1.03)
 
 
-def test_a_calibrated_search_aims_under_the_target_by_the_fit_slack():
+def test_a_calibrated_search_aims_under_the_target_by_the_miss_it_can_have():
     p, sizer = problem("gptq", clip_rule="sdclip"), SlightlyOptimisticSizer()
     target = round(0.98 * sizer.true(p.quantize()))
     _, info = fit_target(p, target, sizer)
     assert sizer.sizes[0] < target * (1 - quant.UNDER_SLACK)  # far under: searched again, calibrated
-    assert info["codec_checks"] == 2 and target * (1 - 2 * quant.FIT_SLACK) <= sizer.sizes[1] <= target
+    lowest = target * (1 - quant.CALIBRATED_MISS - quant.FIT_SLACK)
+    assert info["codec_checks"] == 2 and lowest <= sizer.sizes[1] <= target
