@@ -77,8 +77,7 @@ def main() -> None:
         problem.codes = codes
         with tempfile.TemporaryDirectory() as folder:  # one chunk cache, as the quantize and compress stages share
             cache = pack.ChunkCache(Path(folder))
-            c = params.compress
-            sizer = pack.Sizer(meta, c.codec, c.layout, cache, c.auto_slack_bytes)
+            sizer = pack.Sizer(meta, params.compress, cache)
             t0 = time.perf_counter()
             result, info = quant.fit_target(problem, target, sizer)
             t1 = time.perf_counter()

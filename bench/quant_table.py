@@ -47,11 +47,10 @@ def main() -> None:
     for name, sets in points:
         cfg = dataclasses.replace(params.quant, **sets)
         t0 = time.perf_counter()
-        c = params.compress
-        sizer = pack.Sizer(model_meta, c.codec, c.layout, pack.ChunkCache(paths.PACK_CACHE), c.auto_slack_bytes)
+        sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
         result, metrics = quant.quantize(state, hessians, shared, cfg, target, sizer)
         t1 = time.perf_counter()
-        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_streams(result), sizer.cache)
+        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_for(result, params.compress), sizer.cache)
         t2 = time.perf_counter()
         model = build_model(model_meta, result.dequantized(), device, name)
         p = evaluate.evaluate(model, val, plain, device)[0]

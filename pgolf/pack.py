@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import codecs
+from .config import CompressConfig
 from .errors import PgolfError
 from .io import write_bytes
 from .quant import GROUPS, LowRank, Quantized, QuantResult, group_of
@@ -259,6 +260,11 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
     return plan
 
 
+def plan_for(result: QuantResult, cfg: CompressConfig, names: set[str] | None = None) -> dict[str, dict]:
+    """plan_streams with the compress section's codec, layout and slack."""
+    return plan_streams(result, cfg.codec, cfg.layout, names, cfg.auto_slack_bytes)
+
+
 def _layouts(result: QuantResult, plan: dict[str, dict]) -> tuple[list[str], dict, list[dict]]:
     """The streams in order, each one's bytes in its planned layout, and the tensor entries pointing into them."""
     streams, entries = _streams(result)
@@ -420,8 +426,8 @@ class Sizer:
     first call), or estimated from the order-0 entropy of each group's codes, scaled by the packed/entropy
     ratio measured at the last calibration."""
 
-    def __init__(self, meta: dict, codec: str, layout: str, cache: ChunkCache | None = None, slack: int = 0):
-        self.meta, self.codec, self.layout, self.cache, self.slack = meta, codec, layout, cache, slack
+    def __init__(self, meta: dict, cfg: CompressConfig, cache: ChunkCache | None = None):
+        self.meta, self.cfg, self.cache = meta, cfg, cache
         self.plan: dict | None = None
         self.report: dict = {}
         self.seconds = {"plan": 0.0, "pack": 0.0}  # where the exact sizes' time went
@@ -431,10 +437,10 @@ class Sizer:
     def exact(self, result: QuantResult) -> int:
         t0 = time.perf_counter()
         if self.plan is None:
-            self.plan = plan_streams(result, self.codec, self.layout, slack=self.slack)
+            self.plan = plan_for(result, self.cfg)
         missing = set(_streams(result)[0]) - set(self.plan)  # LQER's stream appears once the factors are added
         if missing:
-            self.plan |= plan_streams(result, self.codec, self.layout, missing, self.slack)
+            self.plan |= plan_for(result, self.cfg, missing)
         t1 = time.perf_counter()
         blob, self.report = pack(result, self.meta, self.plan, self.cache)
         self.seconds["plan"] += t1 - t0
@@ -444,7 +450,7 @@ class Sizer:
     def prepare(self, result: QuantResult) -> None:
         """Make the codec plan and a first calibration from its sample trials (no whole blob compressed)."""
         t0 = time.perf_counter()
-        self.plan = plan_streams(result, self.codec, self.layout, slack=self.slack)
+        self.plan = plan_for(result, self.cfg)
         self.seconds["plan"] += time.perf_counter() - t0
         entropy = group_entropy(result)
         self.ratio = {g: self.plan[f"codes.{g}"]["estimate"] / max(h, 1e-9) for g, h in entropy.items()}

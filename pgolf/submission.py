@@ -60,11 +60,10 @@ def train_and_pack(params: Params, data: Path, rt: runtime.Runtime, blob_path: P
         c = calibrate.calibrate(model, params.calibrate, data, rt.device)
         counted = result.metrics["train_seconds"] + (c.seconds if c.reads_training_data else 0.0)
         log(rt, f"calibrate: {c.tokens:,} tokens in {c.seconds:.2f}s; training time counted {counted:.1f}s")
-        cc = params.compress
-        sizer = pack.Sizer(meta, cc.codec, cc.layout, slack=cc.auto_slack_bytes)
+        sizer = pack.Sizer(meta, params.compress)
         q, qm = quant.quantize(state, c.hessians, c.shared, params.quant, budget, sizer)
         if sizer.plan is None:
-            sizer.plan = pack.plan_streams(q, cc.codec, cc.layout, slack=cc.auto_slack_bytes)
+            sizer.plan = pack.plan_for(q, params.compress)
         blob, _ = pack.pack(q, meta, sizer.plan)
         blob_path.write_bytes(blob)
         log(rt, f"quantize: {params.quant.method}, {len(blob):,} model bytes (offset {qm['clip_offset']}, "

@@ -13,7 +13,7 @@ def main() -> dict:
     result, meta = quant.load_quantized(paths.QUANTIZED)
     t0 = time.perf_counter()
     # quantize's plan, where it sized the blob with one (its trials ran on the same tensors at the configured clip)
-    plan = meta.pop("plan", None) or pack.plan_streams(result, cfg.codec, cfg.layout, slack=cfg.auto_slack_bytes)
+    plan = meta.pop("plan", None) or pack.plan_for(result, cfg)
     blob, report = pack.pack(result, meta, plan, pack.ChunkCache(paths.PACK_CACHE))
     seconds = time.perf_counter() - t0
     write_bytes(paths.BLOB, blob)

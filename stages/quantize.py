@@ -10,8 +10,7 @@ def main() -> dict:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
-    c = params.compress
-    sizer = pack.Sizer(model_meta, c.codec, c.layout, pack.ChunkCache(paths.PACK_CACHE), c.auto_slack_bytes)
+    sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
     result, metrics = quant.quantize(state, hessians, shared, params.quant, export.model_budget(params), sizer)
     quant.save_quantized(paths.QUANTIZED, result, model_meta | {"plan": sizer.plan})
     return metrics | {f"codec_{k}_seconds": round(v, 3) for k, v in sizer.seconds.items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pgolf import codecs, pack, quant
-from pgolf.config import GroupValues, QuantConfig
+from pgolf.config import CompressConfig, GroupValues, QuantConfig
 from pgolf.errors import PgolfError
 from pgolf.quant import (
     Problem,
@@ -267,11 +267,14 @@ def test_the_order_1_context_mixer_reaches_the_order_0_entropy_of_sdclip_codes()
     assert size["zpaq_o1"] < size["zpaq"] and size["zpaq_o1"] < size["brotli"]
 
 
+LZMA_INT8 = CompressConfig(codec="lzma", layout="int8")
+
+
 class FakeSizer:
     """Exact size = the real blob; estimate = entropy-scaled, as pack.Sizer."""
 
     def __init__(self):
-        self.inner = pack.Sizer({}, "lzma", "int8")
+        self.inner = pack.Sizer({}, LZMA_INT8)
         self.exact_calls, self.sizes = 0, []
 
     def exact(self, result):
@@ -295,8 +298,8 @@ def test_fit_meets_a_target_by_the_clip_offset_then_by_pruning_and_names_an_unre
     natural = sizer.exact(p.quantize())
     result, info = fit_target(p, natural - 3000, FakeSizer())
     assert 0 < info["clip_offset"] <= 2 and info["pruned_codes"] == 0
-    assert info["fitted_bytes"] == pack.Sizer({}, "lzma", "int8").exact(result) <= natural - 3000
-    widest = pack.Sizer({}, "lzma", "int8").exact(p.quantize(2.0))
+    assert info["fitted_bytes"] == pack.Sizer({}, LZMA_INT8).exact(result) <= natural - 3000
+    widest = pack.Sizer({}, LZMA_INT8).exact(p.quantize(2.0))
     result, info = fit_target(p, widest - 200, FakeSizer())
     assert info["clip_offset"] == 2.0 and info["pruned_codes"] > 0 and info["fitted_bytes"] <= widest - 200
     with pytest.raises(PgolfError, match=r"quant.target_bytes: 100 is unreachable: the widest clip with every ±1 code "
@@ -331,7 +334,7 @@ def test_a_fit_far_under_the_target_is_searched_again_and_keeps_what_fits():
     assert len(sizer.sizes) == info["codec_checks"] >= 2
     assert abs(sizer.sizes[1] - target) < abs(sizer.sizes[0] - target)  # re-calibrated: closer, either side
     assert info["fitted_bytes"] == max(x for x in sizer.sizes if x <= target)  # over: the one that fit is kept
-    assert info["fitted_bytes"] == pack.Sizer({}, "lzma", "int8").exact(result)
+    assert info["fitted_bytes"] == pack.Sizer({}, LZMA_INT8).exact(result)
 
 
 def test_a_re_calibrated_search_quantizes_near_the_last_answer_and_never_twice_at_one_offset():
@@ -357,7 +360,7 @@ def test_a_re_calibrated_search_quantizes_near_the_last_answer_and_never_twice_a
 def test_fit_plans_the_lqer_stream_it_adds():
     p = problem("gptq", clip_rule="sdclip", lqer_rank=2, lqer_tensors=2)
     sizer = FakeSizer()
-    natural = pack.Sizer({}, "lzma", "int8").exact(p.quantize())
+    natural = pack.Sizer({}, LZMA_INT8).exact(p.quantize())
     result, info = fit_target(p, natural - 2000, sizer)
     assert info["fitted_bytes"] <= natural - 2000 and "lqer" in sizer.inner.plan
     assert sum(q.lqer is not None for q in result.quantized.values()) == 2
