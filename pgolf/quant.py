@@ -221,7 +221,10 @@ def gptq_many(Ws: list[torch.Tensor], prepared: list[PreparedHessian], clips: li
     out: list[Quantized] = [None] * len(Ws)  # type: ignore[list-item]
     for batch in by_cols.values():
         rows = max(W.size(0) for _, W, _, _, _ in batch)
-        pad = lambda t, value: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.size(0)), value=value)  # noqa: E731
+
+        def pad(t: torch.Tensor, value: float) -> torch.Tensor:  # to `rows` rows
+            return torch.cat([t, t.new_full((rows - t.size(0), *t.shape[1:]), value)])
+
         codes = gptq_batch(torch.stack([pad(W, 0.0) for _, W, _, _, _ in batch]),
                            torch.stack([p.hinv for _, _, p, _, _ in batch]),
                            torch.stack([pad(s, 1.0) for _, _, _, s, _ in batch]),
@@ -493,9 +496,9 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
     over, the last result that fit is kept. A calibrated estimate still misses a little away from its
     calibration point, so a calibrated search aims CALIBRATED_MISS below the target (a miss that small then lands
     under, not over and checked again), and one after a calibrated check that came out over aims that miss (or
-    twice the last margin) below, if larger. A re-calibrated search moves little: it brackets the answer between the last x
-    and a point REFINE_SPAN of the range beyond it (the whole side if that is not enough), and every make(x) is
-    kept for the later searches. `result` is make(at), and `size` its exact size (None: only estimated so far).
+    twice the last margin) below, if larger. A re-calibrated search moves little: it brackets the answer between
+    the last x and a point REFINE_SPAN of the range beyond it (the whole side if that is not enough), and every
+    make(x) is kept for the later searches. `result` is make(at), and `size` its exact size (None: only estimated so far).
     Returns (x, result, size, codec checks, seconds searching)."""
     x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
     fitting: tuple | None = None  # (x, result, size) of the last checked result that fit
