@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import PgolfError
-from .io import atomic_path
+from .io import atomic_path, refuse_links
 
 META_KEY = "pgolf"
 
@@ -44,6 +44,7 @@ def lock(folder: str | os.PathLike, what: str) -> None:
     import fcntl
 
     folder = Path(folder)
+    refuse_links(folder / "lock")
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / "lock", "a+")
     try:

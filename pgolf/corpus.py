@@ -190,7 +190,7 @@ def write_mirror(paths: list[str], out: Path, val_docs: int, shard_tokens: int, 
     if out.exists():
         raise PgolfError(f"{out}: exists; a mirror is written to a new folder")
     docs = lambda: data.iter_documents(paths)  # noqa: E731
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "mirror") as tmp:
         top = tmp / fineweb.REMOTE_ROOT
         (top / "tokenizers").mkdir(parents=True)
         model = top / "tokenizers" / "tokenizer.model"

@@ -1,10 +1,11 @@
 """The submission: one self-contained train_gpt.py and the records' folder around it.
 
 train_gpt.py holds, lzma-compressed and base85-encoded like the records' scripts, the source of every module
-`pgolf.submission` needs and the run's params. It unpacks the modules into a folder of the temp dir named by
-their hash (Triton compiles kernels from source files) and imports them from there, so it runs where pgolf is
-not installed. Its size is the run's code bytes: the audit counts it, and quantize fits the model to what the
-limit leaves (`model_budget`).
+`pgolf.submission` needs and the run's params. Each run unpacks the modules into a fresh private folder of the
+temp dir (mkdtemp: mode 700, a new name; Triton compiles kernels from source files), imports them from there and
+removes it at exit, so it runs where pgolf is not installed and never imports a folder someone else prepared.
+Its size is the run's code bytes: the audit counts it, and quantize fits the model to what the limit leaves
+(`model_budget`).
 """
 
 import base64
@@ -17,24 +18,21 @@ from pathlib import Path
 
 from . import config, deps, paths
 from .config import Params
+from .errors import PgolfError
 from .io import atomic_dir, read_json
 
 ENTRY = "pgolf.submission"
 LAUNCHER = '''\
 # pgolf submission: the training, quantization and evaluation code and this run's params (lzma + base85).
 # torchrun --standalone --nproc_per_node=8 train_gpt.py    |    python train_gpt.py eval final_model.blob
-import base64,hashlib,json,lzma,os,shutil,sys,tempfile
-B=base64.b85decode("%s")
-S=json.loads(lzma.decompress(B))
-D=os.path.join(tempfile.gettempdir(),"pgolf-"+hashlib.sha256(B).hexdigest()[:16])
-if not os.path.isdir(D):
- T=tempfile.mkdtemp()
- for n,src in S["modules"].items():
-  f=os.path.join(T,*n.split("."))+("/__init__.py" if n=="pgolf" else ".py")
-  os.makedirs(os.path.dirname(f),exist_ok=True)
-  with open(f,"w") as o:o.write(src)
- try:os.rename(T,D)
- except OSError:shutil.rmtree(T)
+import atexit,base64,json,lzma,os,shutil,sys,tempfile
+S=json.loads(lzma.decompress(base64.b85decode("%s")))
+D=tempfile.mkdtemp(prefix="pgolf-")
+atexit.register(shutil.rmtree,D,True)
+for n,src in S["modules"].items():
+ f=os.path.join(D,*n.split("."))+("/__init__.py" if n=="pgolf" else ".py")
+ os.makedirs(os.path.dirname(f),exist_ok=True)
+ with open(f,"w") as o:o.write(src)
 sys.path.insert(0,D)
 from pgolf.errors import PgolfError
 from pgolf.submission import main
@@ -150,6 +148,9 @@ def write(out: Path, params: Params, metrics: dict[str, dict], audit: dict, blob
 def export_run(params: Params, out: Path) -> Path:
     """The submission folder for the run in artifacts/ (after eval and audit)."""
     metrics = {s: read_json(paths.metrics(s)) for s in ("train", "ema", "calibrate", "eval")}
-    with atomic_dir(out) as tmp:
+    for source in (paths.BLOB, paths.TRAIN_LOG, paths.EVAL_LOG):
+        if source.is_symlink():  # its target, from anywhere, would be shipped in the submission
+            raise PgolfError(f"{source}: is a symbolic link; the submission ships only what the run wrote")
+    with atomic_dir(out, "export") as tmp:
         write(tmp, params, metrics, read_json(paths.AUDIT), paths.BLOB, [paths.TRAIN_LOG, paths.EVAL_LOG])
     return out / "train_gpt.py"

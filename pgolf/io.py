@@ -2,6 +2,8 @@
 
 A write goes to `.<name>.<pid>.<random>.tmp` beside its target and is renamed when complete. A killed
 writer leaves its temporary behind; the next write of the same target removes those of dead processes.
+Nothing is written through a symbolic link, and a folder is only ever replaced by a write of the same kind
+(its marker file says which): pgolf never removes what it did not create.
 """
 
 import contextlib
@@ -12,6 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import PgolfError
+
+MARKER = ".pgolf-output"  # in each folder atomic_dir writes: the kind of output it holds
 
 
 def _alive(pid: int) -> bool:
@@ -32,10 +38,41 @@ def remove_stale_temporaries(path: Path) -> None:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
+def refuse_links(path: str | os.PathLike) -> None:
+    """One line if `path`, or a folder it lies in below the working directory (or below `artifacts/`), is a
+    symbolic link: a write through it would land outside the repository or truncate the file it points to."""
+    path, cwd = Path(os.path.abspath(path)), Path.cwd()
+    chain = [p for p in (path, *path.parents) if p.is_relative_to(cwd) and p not in (cwd, cwd / "artifacts")]
+    for p in chain if path.is_relative_to(cwd) else [path]:
+        if p.is_symlink():
+            raise PgolfError(f"{p}: is a symbolic link; pgolf writes no output through a link (remove the link)")
+
+
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """One line unless `path` is missing, an empty folder, or a folder an earlier write of `kind` made."""
+    path = Path(path)
+    refuse_links(path)
+    if not path.exists():
+        return
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise PgolfError(f"{path}: is the working directory or a folder above it; name a new folder")
+    if not path.is_dir():
+        raise PgolfError(f"{path}: is a file; pgolf writes its {kind} output as a folder there (name a new folder)")
+    marker = path / MARKER
+    if marker.is_file() and not marker.is_symlink() and marker.open("rb").read(256).strip() == kind.encode():
+        return
+    if any(path.iterdir()):
+        raise PgolfError(f"{path}: a folder pgolf did not write as {kind} output (no {MARKER} marker of that kind); "
+                         "pgolf replaces only its own output: name a new or empty folder")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
     path = Path(path)
+    refuse_links(path)
+    if path.is_dir():
+        raise PgolfError(f"{path}: is a folder; pgolf writes a file there (remove the folder)")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -50,18 +87,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; it replaces `path` only if the block succeeds."""
+def atomic_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
+    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds. The folder is marked as
+    `kind` output, and only a missing or empty folder or an earlier `kind` output is replaced: anything else
+    at `path` is refused in one line, before the block runs and again before the swap."""
     path = Path(path)
+    check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text(kind + "\n")
         tmp.chmod(0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        check_replaceable(path, kind)
+        if path.exists():  # moved aside first: the swap never leaves a half-removed folder under the name
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -76,8 +122,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from .errors import PgolfError
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import launch, paths
 from .errors import PgolfError
-from .io import write_json
+from .io import refuse_links, write_json
 
 
 def _interrupt(signum, frame):
@@ -17,6 +17,7 @@ def _interrupt(signum, frame):
 
 
 def _writable(folder: Path) -> None:
+    refuse_links(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PgolfError(f"{folder}: not writable; the stage writes its outputs there")

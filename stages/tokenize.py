@@ -8,7 +8,7 @@ from pgolf.io import atomic_dir
 
 def main() -> dict:
     cfg = load_params().data
-    with atomic_dir(paths.TOKENIZED) as tmp:
+    with atomic_dir(paths.TOKENIZED, "tokenize/data") as tmp:
         try:
             return corpus.tokenize(cfg, tmp)
         except PgolfError as e:  # name files where they will be, not in the temporary folder about to go

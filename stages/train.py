@@ -57,12 +57,12 @@ def main() -> dict | None:
     if not rt.master:
         return None
     meta = weights.model_meta(mcfg, result.passes) | {"steps": result.metrics["steps"]}
-    with atomic_dir(paths.TRAINED) as tmp:
+    with atomic_dir(paths.TRAINED, "train/model") as tmp:
         weights.save_model(tmp / "raw.safetensors", result.raw, meta)
         weights.save_model(tmp / "ema.safetensors", result.ema, meta)
         if result.swa is not None:
             weights.save_model(tmp / "swa.safetensors", result.swa, meta)
-    with atomic_dir(paths.TRAIN_PLOTS) as tmp:
+    with atomic_dir(paths.TRAIN_PLOTS, "train/plots") as tmp:
         write_curve(tmp / "loss.tsv", "train_loss", result.losses)
         write_curve(tmp / "val.tsv", "val_bpb", result.vals)
     write_json(paths.TRAIN_RUN, {k: result.metrics.pop(k) for k in RUN_FACTS})

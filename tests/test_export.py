@@ -1,5 +1,7 @@
 """The exported submission: one self-contained train_gpt.py that scores the blob like the eval stage, and trains."""
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -14,6 +16,7 @@ from test_reliability import stage_dir
 
 from pgolf import export
 from pgolf.config import load_params
+from pgolf.io import MARKER
 
 # Runs train_gpt.py under `python -S` with only the installed packages on the path: none of the .pth files that make
 # this repository's pgolf importable, so the script has nothing but what it carries.
@@ -38,16 +41,17 @@ def exported(tmp_path_factory):
     return d
 
 
-def isolated(args: list[str], cwd, data) -> subprocess.CompletedProcess:
+def isolated(args: list[str], cwd, data, **env_extra) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"DATA_PATH": str(data), "PYTHONUNBUFFERED": "1"}
+    env |= env_extra
     return subprocess.run([sys.executable, "-S", "-c", ISOLATED, *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_the_exported_script_scores_the_blob_like_the_eval_stage_where_pgolf_is_not_installed(exported, tmp_path):
     folder = tmp_path / "submission"
     shutil.copytree(exported / "artifacts" / "export", folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "eval.log", "final_model.blob", "submission.json",
-                                                        "train.log", "train_gpt.py"]
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "README.md", "eval.log", "final_model.blob",
+                                                        "submission.json", "train.log", "train_gpt.py"]
     p = isolated(["eval", "final_model.blob"], folder, exported / "artifacts/tokenize/data")
     assert p.returncode == 0, p.stderr[-3000:]
     got = float(re.search(r"final val_bpb (\S+)", p.stdout).group(1))
@@ -79,3 +83,39 @@ def test_the_exported_script_trains_quantizes_and_scores_on_its_own(exported, tm
     assert re.search(r"final val_bpb \d\.\d{8}", p.stdout) and (tmp_path / "final_model.blob").stat().st_size > 1000
     bad = isolated(["evaluate"], tmp_path, exported / "artifacts/tokenize/data")
     assert bad.returncode == 1 and bad.stderr.strip() == "error: usage: train_gpt.py [eval BLOB]; got evaluate"
+
+
+def test_the_exported_script_imports_only_what_it_unpacked_itself(exported, tmp_path):
+    """An earlier version unpacked into $TMP/pgolf-<sha16 of the payload> and used that folder if it existed: anyone
+    could plant code there first. Each run now unpacks into a fresh private folder and removes it at exit."""
+    shutil.copytree(exported / "artifacts" / "export", tmp_path / "sub")
+    script = (tmp_path / "sub" / "train_gpt.py").read_text()
+    payload = re.search(r'b85decode\("([^"]+)"\)', script).group(1).encode()
+    temp = tmp_path / "temp"
+    planted = temp / ("pgolf-" + hashlib.sha256(base64.b85decode(payload)).hexdigest()[:16]) / "pgolf"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text("")
+    (planted / "submission.py").write_text("print('PWNED')\n")
+    p = isolated(["eval", "final_model.blob"], tmp_path / "sub", exported / "artifacts/tokenize/data", TMPDIR=str(temp))
+    assert p.returncode == 0 and "PWNED" not in p.stdout + p.stderr and "final val_bpb" in p.stdout, p.stderr[-2000:]
+    assert [d.name for d in temp.iterdir()] == [planted.parent.name]  # its own folder is gone
+
+
+@pytest.mark.parametrize("target", [".", "artifacts", "artifacts/train/model", "notes", "mine"])
+def test_pgolf_export_refuses_every_target_it_did_not_write(exported, target):
+    (exported / "mine").mkdir(exist_ok=True)
+    (exported / "mine" / "keep.txt").write_text("keep")
+    (exported / "notes").write_text("notes")
+    before = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if ".pytest_cache" not in p.parts)
+    p = run(["pgolf", "export", "--out", target], exported, check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"error: pgolf export: {target}: ")
+    assert sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if ".pytest_cache" not in p.parts) == before
+
+
+def test_pgolf_export_replaces_its_own_earlier_export(exported, tmp_path):
+    out = tmp_path / "sub"
+    for _ in range(2):
+        p = run(["pgolf", "export", "--out", str(out)], exported)
+        assert "train_gpt.py" in p.stdout
+    assert (out / MARKER).read_text() == "export\n" and (out / "final_model.blob").is_file()
