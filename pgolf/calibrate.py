@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import CalibrateConfig
-from .data import TokenStream, shard_paths
+from .data import TokenStream, read_shard, shard_paths
+from .errors import PgolfError
 from .model import GPT, Attention, autocast
 from .registry import Registry
 
@@ -31,11 +33,35 @@ class Source:
 SOURCES: Registry[Source] = Registry("calibrate.source")  # where calibration sequences come from
 
 
+SAMPLINGS: Registry = Registry("calibrate.sampling")  # (train shards, cfg) -> the calibration sequences
+
+
+@SAMPLINGS.register("stream")
+def stream_windows(shards: list[np.ndarray], cfg: CalibrateConfig) -> np.ndarray:
+    """The first num_seqs * seq_len tokens of the train stream, in order."""
+    return TokenStream(shards).take(cfg.num_seqs * cfg.seq_len).reshape(cfg.num_seqs, cfg.seq_len)
+
+
+@SAMPLINGS.register("random")
+def random_windows(shards: list[np.ndarray], cfg: CalibrateConfig) -> np.ndarray:
+    """num_seqs distinct windows drawn uniformly from all train shards, reproducible by calibrate.seed: each shard
+    is cut into seq_len windows from a random phase, as the record's ShuffledSequenceLoader cuts them."""
+    rng = np.random.default_rng(cfg.seed)
+    L = cfg.seq_len
+    phases = np.array([rng.integers(max(min(L, s.size - L), 1)) for s in shards])
+    counts = np.array([max((s.size - p) // L, 0) for s, p in zip(shards, phases)])
+    if counts.sum() == 0:
+        raise PgolfError(f"calibrate.seq_len: {L} is longer than every train shard")
+    picks = rng.choice(counts.sum(), size=cfg.num_seqs, replace=cfg.num_seqs > counts.sum())
+    which = np.searchsorted(np.cumsum(counts), picks, side="right")
+    starts = phases[which] + (picks - np.concatenate([[0], np.cumsum(counts)])[which]) * L
+    return np.stack([shards[w][s:s + L] for w, s in zip(which, starts)]).astype(np.int64)
+
+
 def train_batches(model: GPT, cfg: CalibrateConfig, data_dir: Path, device: torch.device) -> Iterator[torch.Tensor]:
-    stream = TokenStream(shard_paths(data_dir, "train"), model.cfg.vocab_size)
-    for start in range(0, cfg.num_seqs, cfg.batch_seqs):
-        b = min(cfg.batch_seqs, cfg.num_seqs - start)
-        yield torch.from_numpy(stream.take(b * cfg.seq_len)).view(b, cfg.seq_len)
+    shards = [read_shard(p, model.cfg.vocab_size) for p in shard_paths(data_dir, "train")]
+    seqs = torch.from_numpy(SAMPLINGS[cfg.sampling](shards, cfg))
+    yield from seqs.split(cfg.batch_seqs)
 
 
 def self_batches(model: GPT, cfg: CalibrateConfig, data_dir: Path, device: torch.device) -> Iterator[torch.Tensor]:

@@ -34,11 +34,13 @@ def check(args: argparse.Namespace) -> None:
 def mirror(args: argparse.Namespace) -> None:
     from .corpus import write_mirror
 
-    manifest = write_mirror(args.corpus, Path(args.out), args.val_docs, args.shard_tokens, args.tokenizer, args.vocab)
+    manifest = write_mirror(args.corpus, Path(args.out), args.val_docs, args.shard_tokens, args.tokenizer, args.vocab,
+                            case_ops=args.caseops)
     d = manifest["datasets"][0]
     print(f"{args.out}: {d['name']}, {d['stats']['files_train']} train shards ({d['stats']['tokens_train']:,} tokens), "
           f"{d['stats']['files_val']} val ({d['stats']['tokens_val']:,}); data.source: fineweb, "
-          f"data.fineweb_variant: {manifest['tokenizers'][0]['name']}, data.fineweb_mirror: {args.out}")
+          f"data.fineweb_variant: {manifest['tokenizers'][0]['name']}, data.fineweb_mirror: {args.out}"
+          + (", data.caseops: true" if args.caseops else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--val-docs", type=int, default=150, help="the first N documents are the val split")
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--caseops", action="store_true", help="CaseOps: transform the text, write val_bytes sidecars "
+                   "(the record's CaseOps export; --tokenizer the record's model, or one is trained with the operators)")
     p.set_defaults(run=mirror)
     args = parser.parse_args(argv)
     try:

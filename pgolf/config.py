@@ -45,9 +45,10 @@ class DataConfig:
     tokenizer_train_chars: int = param(200_000_000, ge=1)  # cap on text fed to the tokenizer trainer
     val_docs: int = param(50_000, ge=1)  # the first N documents are the validation split
     shard_tokens: int = param(100_000_000, ge=1)
-    caseops: bool = False  # lossless case transform before tokenizing (jsonl/builtin); bpb on the original bytes
+    caseops: bool = False  # lossless case transform (jsonl/builtin: applied here; fineweb: a CaseOps export's
+    # shards with their val_bytes sidecars); the tokenizer must hold the case operators; bpb on the original bytes
     fineweb_repo: str = "willdepueoai/parameter-golf"
-    fineweb_variant: str = param("sp1024", pattern=r"sp[0-9]+|byte260")
+    fineweb_variant: str = param("sp1024", pattern=r"sp[0-9]+(_[a-z0-9_]+)?|byte260")
     fineweb_mirror: str | None = None  # a local folder laid out like the Hub repo
     train_shards: int = param(80, ge=1)
     download_dir: str | None = None  # None: the Hugging Face cache
@@ -91,6 +92,7 @@ class ModelConfig:
     recur_after: float = param(0.5, ge=0, le=1)  # training fraction at which the first extra pass starts ...
     recur_stagger: float = param(0.0, ge=0, le=1)  # ... and each further one this much later (progressive)
     parallel_from: int = param(-1, ge=-1)  # parallel residuals from this layer on; -1 = off
+    parallel_lanes: int = param(1, ge=1, le=2)  # 1: x + attn(h) + mlp(h); 2: the record's two lanes, mixed by weights
 
 
 @dataclass
@@ -132,6 +134,7 @@ class TrainConfig:
     log_every: int = param(50, ge=1)
     val_every: int = param(0, ge=0)  # periodic val bpb every N steps (and at the end); 0 = off
     val_tokens: int = param(1_048_576, ge=1)  # cap on tokens for periodic val
+    doc_mask: bool = False  # attention stays inside each document (a new one at every BOS)
     checkpoint_every_s: float = param(120.0, ge=0)  # resumable checkpoint period; 0 = off
 
 
@@ -145,6 +148,7 @@ class EmaConfig:
 @dataclass
 class CalibrateConfig:
     source: str = param("train", choices="pgolf.calibrate:SOURCES")
+    sampling: str = param("stream", choices="pgolf.calibrate:SAMPLINGS")  # train: the stream's start, or random windows
     num_seqs: int = param(64, ge=1)
     seq_len: int = param(2048, ge=1)
     batch_seqs: int = param(8, ge=1)
@@ -208,6 +212,7 @@ class EvalConfig:
     stride: int = param(0, ge=0)  # sliding window stride; 0 = non-overlapping windows
     batch_seqs: int = param(32, ge=1)
     temperature: float = param(1.0, gt=0)
+    doc_mask: bool = False  # each target sees only its own document's tokens (from its BOS) in the window
     nproc_per_node: str = param("gpu", pattern=NPROC)
     ttt: TTTConfig = param(factory=TTTConfig)
 
@@ -351,6 +356,10 @@ def check_combinations(p: Params) -> None:
     _require(m.ve_last <= m.layers, f"model.ve_last: {m.ve_last} > model.layers {m.layers}")
     _require(m.bigram_buckets != 1, "model.bigram_buckets: 1; expected 0 (off) or at least 2")
     _require(m.parallel_from < m.layers, f"model.parallel_from: {m.parallel_from} >= model.layers {m.layers}")
+    _require(m.parallel_lanes == 1 or m.parallel_from >= 0, "model.parallel_lanes: 2 needs model.parallel_from >= 0")
+    _require(m.parallel_lanes == 1 or m.recur_start < 0 or m.recur_end < m.parallel_from,
+             f"model.parallel_lanes: 2 needs the looped layers before the lanes (recur_end {m.recur_end} < "
+             f"parallel_from {m.parallel_from})")
     _require(not (m.head_gate and m.sparse_gate), "model.head_gate and model.sparse_gate: choose one attention gate")
     _require(not m.skip_gates or m.unet_skips, "model.skip_gates: true needs model.unet_skips: true")
     _require(m.gate_window <= m.dim, f"model.gate_window: {m.gate_window} > model.dim {m.dim}")

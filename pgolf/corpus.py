@@ -106,15 +106,18 @@ SOURCES: Registry[Callable[[DataConfig, Path], tuple[dict, str]]] = Registry("da
 
 @SOURCES.register("fineweb")
 def from_fineweb(cfg: DataConfig, out: Path) -> tuple[dict, str]:
-    """The challenge's own shards and tokenizer, linked as they are."""
-    if cfg.caseops:
-        raise PgolfError("data.caseops: FineWeb's shards come tokenized; CaseOps needs data.source jsonl or builtin")
+    """The challenge's own shards and tokenizer, linked as they are; with data.caseops, a CaseOps export's shards
+    and the val_bytes sidecars bpb is counted from."""
     local, vocab = fineweb.fetch(cfg.fineweb_repo, cfg.fineweb_variant, cfg.train_shards, cfg.download_dir,
-                                 cfg.fineweb_mirror)
+                                 cfg.fineweb_mirror, val_bytes=cfg.caseops)
     fineweb.link_or_copy(local["tokenizer"][0], out / "tokenizer.model")
     sp = data.load_tokenizer(out / "tokenizer.model")
     if vocab and sp.vocab_size() != vocab:
         raise PgolfError(f"{local['tokenizer'][0]}: vocab {sp.vocab_size()} but the manifest says {vocab}")
+    if cfg.caseops:
+        check_caseops_tokenizer(sp, local["tokenizer"][0])
+    for i, src in enumerate(local["val_bytes"]):
+        fineweb.link_or_copy(src, out / f"val_bytes_{i:06d}.bin")
     splits = {}
     for split in ("val", "train"):
         shards, docs = [], 0
@@ -128,11 +131,22 @@ def from_fineweb(cfg: DataConfig, out: Path) -> tuple[dict, str]:
     return splits, f"fineweb {cfg.fineweb_repo} {fineweb.dataset_dir(cfg.fineweb_variant)}, {cfg.train_shards} train shards"
 
 
+def check_caseops_tokenizer(sp, path: str | Path) -> None:
+    """CaseOps text needs a tokenizer with a piece of its own for each case operator (like the records'
+    `..._caseops_v1_reserved`); any other spells each operator in three byte tokens."""
+    missing = [f"U+{ord(op):04X}" for op in caseops.OPERATORS if sp.piece_to_id(op) == sp.unk_id()]
+    if missing:
+        raise PgolfError(f"{path}: no piece for the CaseOps operators {', '.join(missing)} (data.caseops: true needs "
+                         "a tokenizer trained with them reserved, e.g. the record's, or none: one is trained here)")
+
+
 def _tokenizer(docs: Callable, model_path: Path, tokenizer: str | None, val_docs: int, vocab_size: int,
                train_chars: int, case_ops: bool = False):
     """`tokenizer` copied to model_path, or a BPE of `vocab_size` trained there on the train documents; loaded."""
     if tokenizer:
-        data.load_tokenizer(tokenizer)  # clear error before copying
+        sp = data.load_tokenizer(tokenizer)  # clear error before copying
+        if case_ops:
+            check_caseops_tokenizer(sp, tokenizer)
         fineweb.link_or_copy(Path(tokenizer), model_path)
     else:
         train_docs = itertools.islice(docs(), val_docs, None)
@@ -182,10 +196,13 @@ def tokenize(cfg: DataConfig, out: Path) -> dict:
 
 
 def write_mirror(paths: list[str], out: Path, val_docs: int, shard_tokens: int, tokenizer: str | None = None,
-                 vocab_size: int = 1024, tokenizer_chars: int = 20_000_000) -> dict:
+                 vocab_size: int = 1024, tokenizer_chars: int = 20_000_000, case_ops: bool = False) -> dict:
     """A local corpus as a FineWeb mirror in the Hub's layout, what `data.fineweb_mirror` reads: the first
     `val_docs` documents as fineweb_val_* shards, the rest as fineweb_train_*, each document led by BOS,
-    tokenized by `tokenizer` or by a BPE of `vocab_size` trained on the train documents. Returns the manifest."""
+    tokenized by `tokenizer` or by a BPE of `vocab_size` trained on the train documents. With `case_ops`, the
+    CaseOps export's layout (the record's prepare_caseops_data.py): transformed text, variant
+    sp<VOCAB>_lossless_caps_caseops_v1_reserved, and fineweb_val_bytes_* sidecars of each val token's original
+    bytes. Returns the manifest."""
     data.corpus_files(paths)
     if out.exists():
         raise PgolfError(f"{out}: exists; a mirror is written to a new folder")
@@ -194,15 +211,15 @@ def write_mirror(paths: list[str], out: Path, val_docs: int, shard_tokens: int, 
         top = tmp / fineweb.REMOTE_ROOT
         (top / "tokenizers").mkdir(parents=True)
         model = top / "tokenizers" / "tokenizer.model"
-        sp = _tokenizer(docs, model, tokenizer, val_docs, vocab_size, tokenizer_chars)
-        variant = f"sp{sp.vocab_size()}"
-        model = model.rename(model.with_name(f"fineweb_{sp.vocab_size()}_bpe.model"))
+        sp = _tokenizer(docs, model, tokenizer, val_docs, vocab_size, tokenizer_chars, case_ops)
+        suffix = fineweb.CASEOPS_SUFFIX if case_ops else ""
+        variant = f"sp{sp.vocab_size()}{suffix}"
+        model = model.rename(model.with_name(f"fineweb_{sp.vocab_size()}_bpe{suffix}.model"))
         shards = top / "datasets" / fineweb.dataset_dir(variant)
         shards.mkdir(parents=True)
-        splits = tokenize_documents(docs(), sp, shards, val_docs, shard_tokens)
-        for split, info in splits.items():
-            for shard in info["shards"]:
-                (shards / shard["file"]).rename(shards / f"fineweb_{shard['file']}")
+        splits = tokenize_documents(docs(), sp, shards, val_docs, shard_tokens, case_ops)
+        for shard in sorted(shards.glob("*.bin")):
+            shard.rename(shards / f"fineweb_{shard.name}")
         manifest = {"datasets": [{"name": shards.name, "tokenizer_name": variant,
                                   "stats": {"files_train": len(splits["train"]["shards"]),
                                             "files_val": len(splits["val"]["shards"]),

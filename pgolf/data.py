@@ -277,8 +277,8 @@ def byte_table(sp) -> ByteTable:
 class TokenStream:
     """Train shards read in order as one endless stream; its state is (shard index, position)."""
 
-    def __init__(self, paths: list[Path], vocab_size: int | None = None):
-        self.shards = [read_shard(p, vocab_size) for p in paths]
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
         self.shard, self.pos = 0, 0
 
     def take(self, n: int) -> np.ndarray:
@@ -306,7 +306,7 @@ class TrainLoader:
 
     def __init__(self, paths: list[Path], rank: int, world: int, device: torch.device,
                  vocab_size: int | None = None):
-        self.stream = TokenStream(paths, vocab_size)
+        self.stream = TokenStream([read_shard(p, vocab_size) for p in paths])
         self.rank, self.world, self.device = rank, world, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

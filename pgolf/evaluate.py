@@ -18,7 +18,8 @@ MODES: Registry = Registry("eval.mode")  # (model, val, cfg, device) -> (Score, 
 
 
 def sliding(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) -> tuple[Score, dict]:
-    s = score(model, val, cfg.seq_len, cfg.stride, cfg.batch_seqs, cfg.temperature, device, progress=True)
+    s = score(model, val, cfg.seq_len, cfg.stride, cfg.batch_seqs, cfg.temperature, device, progress=True,
+              doc_mask=cfg.doc_mask)
     return s, {"ttt": "off", "val_tokens_trained_before_scored": 0, "ttt_tokens_adapted": 0}
 
 
@@ -34,4 +35,5 @@ def evaluate(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) -
 
 def like_for_like(cfg: EvalConfig, plain_seq_len: int) -> bool:
     """Whether the eval score itself is on the plain windows the float model was scored on (the quant gap's)."""
-    return cfg.mode == "sliding" and cfg.stride in (0, cfg.seq_len) and cfg.seq_len == plain_seq_len
+    return (cfg.mode == "sliding" and cfg.stride in (0, cfg.seq_len) and cfg.seq_len == plain_seq_len
+            and not cfg.doc_mask)

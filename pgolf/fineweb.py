@@ -12,6 +12,7 @@ folder (manifest.json, datasets/fineweb10B_<variant>/, tokenizers/ at the top).
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +29,20 @@ class RemoteFile:
     kind: str  # val | train | tokenizer
 
 
+VARIANT = r"sp[0-9]+(_[a-z0-9_]+)?|byte260"  # sp8192, or a tokenizer's own name after it (the CaseOps export)
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"  # the 1.0611 record's CaseOps data and tokenizer
+
+
 def dataset_dir(variant: str) -> str:
-    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+    if re.fullmatch(VARIANT, variant):
         return f"fineweb10B_{variant}"
-    raise PgolfError(f"data.fineweb_variant: unknown variant {variant!r}; expected sp<VOCAB> (e.g. sp1024) or byte260")
+    raise PgolfError(f"data.fineweb_variant: unknown variant {variant!r}; expected sp<VOCAB> (e.g. sp1024), "
+                     f"sp<VOCAB>_<name> (e.g. sp8192{CASEOPS_SUFFIX}) or byte260")
 
 
-def plan(manifest: dict, variant: str, train_shards: int) -> tuple[list[RemoteFile], int]:
-    """The files to fetch for `variant`: all val shards, the first `train_shards` train shards, the tokenizer."""
+def plan(manifest: dict, variant: str, train_shards: int, val_bytes: bool = False) -> tuple[list[RemoteFile], int]:
+    """The files to fetch for `variant`: all val shards (and, for CaseOps, their val_bytes sidecars), the first
+    `train_shards` train shards, the tokenizer."""
     name = dataset_dir(variant)
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if entry is None:
@@ -50,6 +57,8 @@ def plan(manifest: dict, variant: str, train_shards: int) -> tuple[list[RemoteFi
         raise PgolfError(f"manifest: tokenizer {entry.get('tokenizer_name')!r} of {name} has no model_path")
     prefix = f"{REMOTE_ROOT}/datasets/{name}"
     files = [RemoteFile(f"{prefix}/fineweb_val_{i:06d}.bin", "val") for i in range(val_shards)]
+    if val_bytes:
+        files += [RemoteFile(f"{prefix}/fineweb_val_bytes_{i:06d}.bin", "val_bytes") for i in range(val_shards)]
     files += [RemoteFile(f"{prefix}/fineweb_train_{i:06d}.bin", "train") for i in range(train_shards)]
     files.append(RemoteFile(f"{REMOTE_ROOT}/{tokenizer['model_path']}", "tokenizer"))
     vocab = int(tokenizer.get("vocab_size") or entry.get("vocab_size") or 0)
@@ -81,8 +90,9 @@ def _download(repo: str, files: list[str], download_dir: str | None) -> Path:
 
 
 def fetch(repo: str, variant: str, train_shards: int, download_dir: str | None = None,
-          mirror: str | None = None) -> tuple[dict[str, list[Path]], int]:
-    """Fetch manifest, shards and tokenizer; returns local paths by kind and the tokenizer's vocab size."""
+          mirror: str | None = None, val_bytes: bool = False) -> tuple[dict[str, list[Path]], int]:
+    """Fetch manifest, shards and tokenizer (with `val_bytes`, the val shards' byte sidecars); returns local paths
+    by kind and the tokenizer's vocab size."""
     manifest_rel = f"{REMOTE_ROOT}/manifest.json"
     if mirror is not None:
         locate = lambda relative: _mirror_path(Path(mirror), relative)  # noqa: E731
@@ -94,13 +104,13 @@ def fetch(repo: str, variant: str, train_shards: int, download_dir: str | None =
         manifest = json.loads(Path(manifest_path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PgolfError(f"{manifest_path}: manifest is not valid JSON") from None
-    files, vocab = plan(manifest, variant, train_shards)
+    files, vocab = plan(manifest, variant, train_shards, val_bytes)
     if mirror is None:
         root = _download(repo, [f.path for f in files], download_dir)
-    local: dict[str, list[Path]] = {"val": [], "train": [], "tokenizer": []}
+    local: dict[str, list[Path]] = {"val": [], "val_bytes": [], "train": [], "tokenizer": []}
     for f in files:
         local[f.kind].append(locate(f.path))
-    for path in local["val"] + local["train"]:
+    for path in local["val"] + local["val_bytes"] + local["train"]:
         read_shard(path)  # header and size check before anything is linked into the artifact
     return local, vocab
 

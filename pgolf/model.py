@@ -5,22 +5,16 @@ The model built from a config is the network as it ends training: depth recurren
 artifact therefore scores, calibrates and quantizes the network that was trained.
 """
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fused_qk
+from .attention import DocMask, attention, document_mask
 from .config import ModelConfig
 from .registry import Registry
-
-try:  # FlashAttention-3 (Hopper); optional
-    from flash_attn_interface import flash_attn_func as _fa3
-except ImportError:
-    _fa3 = None
 
 
 def autocast(device: torch.device):
@@ -28,8 +22,6 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-# cuDNN first: 341 vs 215 TFLOP/s for the flash backend (causal, seq 1024, head dim 64, one H100)
-CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 ROPE_TABLE_LEN = 4096  # positions with precomputed rope tables; longer sequences compute theirs
 
 
@@ -109,16 +101,6 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_gain
     return q, k, v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, T, H, D) tensors with GQA: FA3 if present, else SDPA (cuDNN first on CUDA)."""
-    if _fa3 is not None and q.is_cuda:
-        out = _fa3(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    with sdpa_kernel(CUDA_SDPA_ORDER) if q.is_cuda else contextlib.nullcontext():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool, value_embed: bool):
         super().__init__()
@@ -140,7 +122,7 @@ class Attention(nn.Module):
         self.ve_scale = nn.Parameter(torch.ones(1)) if value_embed else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None,
-                out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                out_scale: torch.Tensor | None = None, mask: DocMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
         w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
@@ -152,7 +134,7 @@ class Attention(nn.Module):
         if self.ve_scale is not None and ve is not None:
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         dt = activation_dtype(x.device)
-        y = attention(q.to(dt), k.to(dt), v.to(dt))
+        y = attention(q.to(dt), k.to(dt), v.to(dt), mask)
         if self.xsa:  # exclusive self attention: remove each head's component along its own token's value
             g = self.heads // self.kv_heads
             vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -189,16 +171,29 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.dim), torch.zeros(cfg.dim))))
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.parallel = 0 <= cfg.parallel_from <= layer
+        if self.parallel and cfg.parallel_lanes == 2:  # the record's two lanes: how each output enters each lane
+            self.lane_post = nn.Parameter(torch.ones(2, 2))  # [attn, mlp] -> [lane 0, lane 1]
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))  # each lane's own carry
 
-    def forward(self, x, x0, cos, sin, ve):
+    def forward(self, x, x0, cos, sin, ve, mask=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.norm_scale
-        a = self.attn(h, cos, sin, ve, self.attn_scale)
+        a = self.attn(h, cos, sin, ve, self.attn_scale, mask)
         if self.parallel:
             return x + a + self.mlp(h, self.mlp_scale)
         x = x + a
         return x + self.mlp(rms_norm(x) * self.norm_scale, self.mlp_scale)
+
+    def forward_lanes(self, lane0, lane1, x0, cos, sin, ve, mask=None):
+        """Two-lane parallel residuals (record 2026-04-27): attention reads lane 0 (mixed with x0), the MLP reads
+        lane 1, and both outputs enter both lanes through learned weights."""
+        mix = self.resid_mix.to(lane0.dtype)
+        a = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.norm_scale, cos, sin, ve, self.attn_scale, mask)
+        m = self.mlp(rms_norm(lane1) * self.norm_scale, self.mlp_scale)
+        post, resid = self.lane_post.to(lane0.dtype), self.lane_resid.to(lane0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
 
 class BigramHash(nn.Module):
@@ -307,8 +302,9 @@ class GPT(nn.Module):
             cos, sin = angles.cos(), angles.sin()
         return cos.to(dtype), sin.to(dtype)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states (B, T, dim): the input of the output head."""
+    def hidden(self, idx: torch.Tensor, doc_mask: bool = False) -> torch.Tensor:
+        """Final normed hidden states (B, T, dim): the input of the output head. With `doc_mask`, attention stays
+        inside each document (a new one at every BOS)."""
         dt = activation_dtype(idx.device)  # a bf16 stream halves the elementwise traffic
         # the table, not the rows, is cast: x0, which every layer reads again, is then bf16 as well
         x = F.embedding(idx, self.tok_emb.weight.to(dt))
@@ -324,10 +320,14 @@ class GPT(nn.Module):
         ve = self.ve_proj(self.ve_emb(idx)) if self.cfg.ve_last else None
         # U-Net over the running order (recurrent passes included): its first half pushes skips, which the
         # second half pops in reverse, the k-th decoder position weighting (and, with gates, blending) the k-th
+        mask = document_mask(idx, self.cfg.bos_id) if doc_mask else None
         order = self.layer_order()
         n_enc = len(order) // 2 if self.cfg.unet_skips else 0
-        skips = []
+        skips, lane1 = [], None  # lane 1 exists from the first two-lane block on; x is lane 0 from there
         for j, i in enumerate(order):
+            block = self.blocks[i]
+            if lane1 is None and hasattr(block, "lane_post"):
+                lane1 = x  # the second lane forks before this position's skip enters lane 0
             if j >= n_enc and skips:
                 k = j - n_enc
                 skip = self.skip_weights[k].to(x.dtype) * skips.pop()
@@ -335,30 +335,34 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
                 else:
                     x = x + skip
-            x = self.blocks[i](x, x0, cos, sin, ve)
+            if lane1 is not None:
+                x, lane1 = block.forward_lanes(x, lane1, x0, cos, sin, ve, mask)
+            else:
+                x = block(x, x0, cos, sin, ve, mask)
             if j < n_enc:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def logits(self, idx: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        h = self.hidden(idx)
+    def logits(self, idx: torch.Tensor, temperature: float = 1.0, doc_mask: bool = False) -> torch.Tensor:
+        h = self.hidden(idx, doc_mask)
         logits = F.linear(h, self.head_weight().to(h.dtype)).float()
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
         return logits / temperature if temperature != 1.0 else logits
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, doc_mask: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy (nats)."""
-        logits = self.logits(idx)
+        logits = self.logits(idx, doc_mask=doc_mask)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  doc_mask: bool = False) -> torch.Tensor:
         """Per-token NLL (B, T) in nats."""
-        logits = self.logits(idx, temperature)
+        logits = self.logits(idx, temperature, doc_mask)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
     def quantizable_linears(self) -> dict[str, nn.Module]:

@@ -93,11 +93,13 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Muon for hidden matrices; AdamW groups for embeddings, the untied head and scalars/gates."""
+    """Muon for hidden matrices; AdamW groups for embeddings, the untied head and scalars/gates (a linear map to or
+    from one unit, like the SmearGate's gate, is a vector: Newton-Schulz would only normalize it)."""
     from .model import CastedLinear
 
     head = getattr(model, "lm_head", None)
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not head]
+    matrices = [m.weight for m in model.modules()
+                if isinstance(m, CastedLinear) and m is not head and min(m.weight.shape) > 1]
     embeds = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     taken = {id(p) for p in matrices + embeds} | ({id(head.weight)} if head is not None else set())
     scalars = [p for p in model.parameters() if id(p) not in taken]

@@ -60,8 +60,10 @@ class Scorer:
     times it was scored (this rank's share; `finish` sums over ranks and checks the coverage). Everything stays
     on the device until `finish`: a host read per batch would drain the GPU's queue every batch."""
 
-    def __init__(self, val: ValSplit, seq_len: int, batch_seqs: int, temperature: float, device: torch.device):
+    def __init__(self, val: ValSplit, seq_len: int, batch_seqs: int, temperature: float, device: torch.device,
+                 doc_mask: bool = False):
         self.val, self.batch_seqs, self.temperature, self.device = val, batch_seqs, temperature, device
+        self.doc_mask = doc_mask  # a target's context is its own document's part of the window
         self.L = min(seq_len, val.tokens.numel() - 1)
         self.nll_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.counts = torch.zeros(val.tokens.numel(), dtype=torch.int32, device=device)
@@ -82,7 +84,7 @@ class Scorer:
             starts, score_from, score_to = spans[i:i + self.batch_seqs].unbind(1)
             idx = self.tokens[starts[:, None] + offsets]
             with autocast(self.device):
-                nll = model.token_nll(idx[:, :-1], idx[:, 1:], self.temperature).double()
+                nll = model.token_nll(idx[:, :-1], idx[:, 1:], self.temperature, self.doc_mask).double()
             keep = (offsets[None, :L] >= score_from[:, None]) & (offsets[None, :L] < score_to[:, None])
             # masks as weights, not as indices: x[mask] has a data-dependent size, a host sync every batch
             pos = starts[:, None] + 1 + offsets[None, :L]
@@ -118,11 +120,12 @@ def check_coverage(counts: torch.Tensor, score: Score, val: ValSplit, what: str)
 
 
 def score(model: GPT, val: ValSplit, seq_len: int, stride: int = 0, batch_seqs: int = 32, temperature: float = 1.0,
-          device: torch.device | str = "cpu", progress: bool = False, what: str = "eval") -> Score:
-    """Score every target of the split once (windows split across ranks under torch.distributed)."""
+          device: torch.device | str = "cpu", progress: bool = False, what: str = "eval", doc_mask: bool = False) -> Score:
+    """Score every target of the split once (windows split across ranks under torch.distributed); with `doc_mask`
+    each target is scored on its own document's tokens only."""
     device = torch.device(device)
     rank, world = rank_world()
-    scorer = Scorer(val, seq_len, batch_seqs, temperature, device)
+    scorer = Scorer(val, seq_len, batch_seqs, temperature, device, doc_mask)
     wins = windows(val.tokens.numel(), seq_len, stride)[rank::world]
     step = batch_seqs * 64
     it = range(0, len(wins), step)

@@ -107,7 +107,7 @@ class Trainer:
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
             sync = micro == self.accum - 1 or self.rt.world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):
-                loss = model(x, y)
+                loss = model(x, y, cfg.doc_mask)
             (loss / self.accum).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:

@@ -100,7 +100,7 @@ def _score_span(scorer: Scorer, model: GPT, cfg: EvalConfig, first: int, last: i
 
 def chunked_ttt(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) -> tuple[Score, dict]:
     n = val.tokens.numel()
-    scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
+    scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device, cfg.doc_mask)
     adapter = Adapter(model, val, cfg.seq_len, cfg.ttt, device)
     bounds = list(range(1, n, cfg.ttt.chunk_tokens)) + [n]
     chunks = [(a, b - 1) for a, b in zip(bounds, bounds[1:])]
@@ -117,7 +117,7 @@ def phased_ttt(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device)
     starts = [s for s in bos if s > 0] + [n]  # a document ends where the next one's BOS begins
     prefix = min(t.prefix_docs, len(starts) - 1)  # leave at least the last document to score after
     ends = [starts[max(round(prefix * (k + 1) / t.phases), 1) - 1] for k in range(t.phases)] if prefix else []
-    scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
+    scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device, cfg.doc_mask)
     adapter = Adapter(model, val, cfg.seq_len, t, device)
     scored_to = 0  # targets 1..scored_to are scored
     for k, end in enumerate(ends):

@@ -244,6 +244,41 @@ def test_a_local_corpus_as_a_fineweb_mirror_takes_the_challenge_path_to_the_same
         main(["mirror", *paths, "--out", str(tmp_path / "mirror")])
 
 
+CASEOPS_TOKENIZER = FINEWEB_TOKENIZER.with_name("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+
+
+@pytest.mark.skipif(not CASEOPS_TOKENIZER.exists(), reason="needs the record's CaseOps tokenizer in ../shared")
+def test_a_caseops_mirror_with_the_records_tokenizer_reaches_the_challenge_path(tmp_path, tokenizer_path):
+    """`pgolf mirror --caseops --tokenizer <the record's model>` writes the record's CaseOps export layout; data.source
+    fineweb with data.caseops reads it and counts bpb on the original text's bytes; a tokenizer without the case
+    operators is refused in one line."""
+    from pgolf.cli import main
+    from pgolf.config import DataConfig
+
+    # single-spaced, no trailing newline: the record's tokenizer normalizes whitespace (bpb counts what it keeps)
+    docs = [d.replace("the", "The").replace("model", "MODEL").rstrip("\n") for d in make_docs(61, seed=6)]
+    write_corpus(tmp_path / "corpus", docs)
+    main(["mirror", str(tmp_path / "corpus"), "--out", str(tmp_path / "mirror"), "--tokenizer", str(CASEOPS_TOKENIZER),
+          "--val-docs", "6", "--caseops"])
+    name = "sp8192_lossless_caps_caseops_v1_reserved"
+    shards = tmp_path / "mirror/datasets/datasets" / f"fineweb10B_{name}"
+    assert sorted(p.name for p in shards.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                                                        "fineweb_val_bytes_000000.bin"]
+    out = tmp_path / "tok"
+    out.mkdir()
+    cfg = DataConfig(source="fineweb", caseops=True, vocab_size=8192, fineweb_variant=name, train_shards=1,
+                     fineweb_mirror=str(tmp_path / "mirror"))
+    corpus.tokenize(cfg, out)
+    val = data.load_val(out)
+    assert val.total_bytes == sum(len(d.encode()) for d in docs[:6])
+    sp = data.load_tokenizer(out / "tokenizer.model")
+    first = val.tokens[1:].tolist()
+    assert caseops.decode(sp.decode(first[:first.index(sp.bos_id())])) == docs[0]
+    with pytest.raises(PgolfError, match=r"tok.model: no piece for the CaseOps operators U\+E001, U\+E002"):
+        corpus.tokenize(DataConfig(source="jsonl", paths=[str(tmp_path / "corpus")], caseops=True, val_docs=6,
+                                   tokenizer=str(tokenizer_path)), tmp_path / "refused")
+
+
 def test_caseops_is_lossless_and_counts_the_original_bytes():
     g = np.random.default_rng(0)
     alphabet = list("aAbBzZ \n1_é東\ue001\ue002\ue003\ue004")

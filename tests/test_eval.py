@@ -110,9 +110,9 @@ def spy_on_training(model):
     events = []
     original = model.token_nll
 
-    def spy(x, y, temperature=1.0):
+    def spy(x, y, temperature=1.0, doc_mask=False):
         events.append(("train" if model.training else "score", y.min().item(), y.max().item()))
-        return original(x, y, temperature)
+        return original(x, y, temperature, doc_mask)
 
     model.token_nll = spy
     return events

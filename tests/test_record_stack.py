@@ -1,0 +1,166 @@
+"""The record's training-side pieces: document-masked attention, two-lane parallel residuals, the SmearGate's gate in
+the scalar group, and calibration on random windows."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_model
+
+from pgolf import attention, calibrate, optim
+from pgolf.config import CalibrateConfig
+from pgolf.model import GPT, rms_norm
+
+BOS = 1
+RECORD_LIKE = dict(vocab_size=320, layers=6, dim=32, heads=4, kv_heads=2, mlp_mult=2.0, rope_dims=4, xsa_last=6,
+                   ln_scale=True, unet_skips=True, skip_gates=True, smear_gate="bos", sparse_gate=True,
+                   activation="leaky_relu2", parallel_from=4, parallel_lanes=2, recur_start=1, recur_end=2)
+
+
+def randomized(cfg) -> GPT:
+    """A model whose every weight matters (the zero-initialised projections would hide attention)."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.2))
+    return model.eval()
+
+
+def packed_documents(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.tensor([BOS]), torch.randint(4, 320, (n - 1,), generator=g)]) for n in lengths]
+
+
+def test_document_masked_attention_gives_each_token_the_loss_of_its_document_run_alone():
+    model = randomized(tiny_model(**RECORD_LIKE))
+    docs = packed_documents([9, 23, 5, 27])  # two rows of 32 tokens: [9, 23] and [5, 27]
+    rows = torch.stack([torch.cat(docs[:2]), torch.cat(docs[2:])])
+    x, y = rows[:, :-1], rows[:, 1:]
+    with torch.no_grad():
+        masked = model.token_nll(x, y, doc_mask=True)
+        unmasked = model.token_nll(x, y)
+        for r, (a, b) in enumerate([docs[:2], docs[2:]]):
+            alone_a = model.token_nll(a[None, :-1], a[None, 1:])[0]
+            alone_b = model.token_nll(b[None, :-1], b[None, 1:])[0]
+            assert torch.allclose(masked[r, :len(a) - 1], alone_a, atol=1e-5)
+            assert torch.allclose(masked[r, len(a):], alone_b, atol=1e-5)
+    assert (masked[:, 10:] - unmasked[:, 10:]).abs().max() > 1e-2  # without the mask the second documents see the first
+
+
+@pytest.mark.parametrize("backend", ["flex", "fa3"])
+def test_every_attention_backend_masks_documents_alike(backend, monkeypatch):
+    """FlexAttention's block mask and FlashAttention-3's cu_seqlens (here through bench/standin's stand-in of
+    flash_attn_interface) give the dense mask's attention."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 64, 4, 8), torch.randn(2, 64, 2, 8), torch.randn(2, 64, 2, 8)
+    idx = torch.randint(4, 320, (2, 64))
+    idx[0, [0, 17, 40]] = BOS
+    idx[1, [5, 6, 63]] = BOS
+    dense = attention.attention(q, k, v, attention.document_mask(idx, BOS, "dense"))
+    if backend == "fa3":
+        monkeypatch.syspath_prepend(str(ROOT / "bench" / "standin"))
+        sys.modules.pop("flash_attn_interface", None)
+        from flash_attn_interface import flash_attn_varlen_func
+
+        monkeypatch.setattr(attention, "_fa3_varlen", flash_attn_varlen_func)
+    other = attention.attention(q, k, v, attention.document_mask(idx, BOS, backend))
+    assert torch.allclose(other, dense, atol=1e-5)
+    causal = attention.attention(q, k, v)
+    assert (causal - dense).abs().max() > 1e-2
+
+
+def test_the_block_mask_built_from_block_ends_equals_the_one_flex_evaluates_per_pair():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(1)
+    for T in (512, 700):  # whole blocks, and a partial last block
+        idx = torch.randint(4, 320, (3, T), generator=g)
+        idx[0, [0, 100, 101, 400]] = BOS  # short documents, one inside a block
+        idx[1, 300] = BOS  # a row that starts mid-document
+        idx[2, torch.randint(0, T, (40,), generator=g)] = BOS
+        docs = attention.document_ids(idx, BOS)
+        ours = attention.block_mask(docs)
+        ref = create_block_mask(lambda b, h, q, k: (docs[b, q] == docs[b, k]) & (q >= k), 3, None, T, T, device="cpu")
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
+def record_hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The record's _forward_hidden (2026-04-27 train_gpt.py) written out on pgolf's modules: sequential blocks, then
+    from parallel_start_layer two lanes (attention reads lane 0 mixed with x0, the MLP reads lane 1, each output
+    enters each lane through parallel_post_lambdas, each lane carries itself times parallel_resid_lambdas), U-Net
+    skips into lane 0, the output the mean of the lanes."""
+    cfg = model.cfg
+    x = F.embedding(idx, model.tok_emb.weight)
+    x = rms_norm(model.smear(x, idx))
+    x0 = x
+    cos, sin = model._rope(idx.size(1), idx.device, x.dtype)
+    order = model.layer_order()
+    enc, dec = order[:len(order) // 2], order[len(order) // 2:]
+    skips = []
+    for i in enc:
+        x = model.blocks[i](x, x0, cos, sin, None)
+        skips.append(x)
+    lane0 = lane1 = None
+    for skip_idx, i in enumerate(dec):
+        b = model.blocks[i]
+        if i >= cfg.parallel_from:
+            if lane0 is None:
+                lane0 = lane1 = x
+            if skips:
+                g = torch.sigmoid(model.skip_gates[skip_idx])
+                lane0 = torch.lerp(model.skip_weights[skip_idx] * skips.pop(), lane0, g)
+            mix = b.resid_mix
+            attn_out = b.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * b.norm_scale, cos, sin, None) * b.attn_scale
+            mlp_out = b.mlp(rms_norm(lane1) * b.norm_scale) * b.mlp_scale
+            attn_post, mlp_post, resid = b.lane_post[0], b.lane_post[1], b.lane_resid
+            lane0 = resid[0] * lane0 + attn_post[0] * attn_out + mlp_post[0] * mlp_out
+            lane1 = resid[1] * lane1 + attn_post[1] * attn_out + mlp_post[1] * mlp_out
+        else:
+            if skips:
+                g = torch.sigmoid(model.skip_gates[skip_idx])
+                x = torch.lerp(model.skip_weights[skip_idx] * skips.pop(), x, g)
+            x = b(x, x0, cos, sin, None)
+    return rms_norm(0.5 * (lane0 + lane1))
+
+
+def test_two_lane_parallel_residuals_follow_the_records_formula():
+    model = randomized(tiny_model(**RECORD_LIKE))
+    assert model.layer_order() == [0, 1, 2, 1, 2, 3, 4, 5]  # the loop runs before the lanes
+    idx = torch.randint(0, 320, (2, 24))
+    idx[:, 0] = BOS
+    with torch.no_grad():
+        ours, theirs = model.hidden(idx), record_hidden(model, idx)
+        one_lane = randomized(tiny_model(**RECORD_LIKE | {"parallel_lanes": 1}))
+        one_lane.load_state_dict({k: v for k, v in model.state_dict().items() if "lane_" not in k})
+        gptj = one_lane.hidden(idx)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (ours - gptj).abs().max() > 1e-2
+    assert sum(p.numel() for n, p in model.named_parameters() if "lane_" in n) == 2 * 6  # layers 4 and 5: 4 + 2 each
+
+
+def test_the_smear_gate_is_a_scalar_for_adamw_not_a_matrix_for_muon():
+    model = GPT(tiny_model(**RECORD_LIKE))
+    opts = optim.build_optimizers(model, __import__("conftest").tiny_train())
+    muon = {id(p) for g in opts[0].param_groups for p in g["params"]}
+    adam = {id(p) for g in opts[1].param_groups for p in g["params"]}
+    assert id(model.smear.gate.weight) in adam and id(model.smear.gate.weight) not in muon
+    assert id(model.blocks[0].attn.q.weight) in muon
+    assert {id(model.blocks[5].lane_post), id(model.blocks[5].lane_resid)} <= adam
+
+
+def test_random_calibration_windows_are_random_and_reproducible():
+    shards = [np.arange(10_000, dtype=np.uint16), np.arange(50_000, 57_000, dtype=np.uint16)]
+    cfg = CalibrateConfig(sampling="random", num_seqs=40, seq_len=128, seed=3)
+    a, b = calibrate.random_windows(shards, cfg), calibrate.random_windows(shards, cfg)
+    assert a.shape == (40, 128) and np.array_equal(a, b)
+    assert (np.diff(a, axis=1) == 1).all()  # each a contiguous window of one shard
+    starts = a[:, 0]
+    assert len(set(starts.tolist())) == 40 and ((starts >= 50_000).any() and (starts < 10_000).any())
+    assert not np.array_equal(calibrate.random_windows(shards, CalibrateConfig(sampling="random", num_seqs=40,
+                                                                              seq_len=128, seed=4)), a)
+    stream = calibrate.stream_windows(shards, CalibrateConfig(num_seqs=4, seq_len=128))
+    assert stream[0, 0] == 0 and (stream.reshape(-1) == np.arange(512)).all()
