@@ -1,0 +1,217 @@
+"""A record's own train_gpt.py beside pgolf's record preset: same GPU, same shards, same seed, same fixed steps.
+
+    python bench/record_parity.py --record PATH/train_gpt.py --mirror DIR [--steps 300] [--batch-tokens N]
+
+The record script comes from openai/parameter-golf (records/track_10min_16mb/<date>_<name>/train_gpt.py; fetched and
+carried, never committed) and runs unmodified: bench/standin/ stands in for FlashAttention-3 where it does not
+install. DIR is a CaseOps mirror written by `pgolf mirror --caseops --tokenizer <the record's model>`; the record reads
+its dataset folder (DATA_PATH, with the val_bytes sidecars) and tokenizer, pgolf's trainer the same shards. Both run
+--steps steps with no wallclock cap (the schedule, the loop switch at 35 % and the warmdown keyed to steps), one after
+the other in their own processes. Prints one table: train loss every 25 steps side by side, the mean over the last 100
+steps, pre-quantization val bpb (raw and EMA weights, document-masked plain windows as the record scores them), ms/step
+and tokens/s before and after the loops switch on, peak memory, compile time. Writes --out, and `record_parity` in
+bench/results.json with --results.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The record's training-side settings (its README's command); the rest are the script's defaults.
+RECORD_ENV = {
+    "CASEOPS_ENABLED": "1", "VOCAB_SIZE": "8192", "MATRIX_LR": "0.026", "MIN_LR": "0.1", "GRAD_CLIP_NORM": "0.3",
+    "WARMUP_STEPS": "20", "MUON_BACKEND_STEPS": "5", "WARMDOWN_FRAC": "0.85", "BETA2": "0.99",
+    "SPARSE_ATTN_GATE_SCALE": "0.5", "GATED_ATTN_QUANT_GATE": "1", "SPARSE_ATTN_GATE_ENABLED": "1",
+    "GATE_WINDOW": "12", "SMEAR_GATE_ENABLED": "1", "FUSED_CE_ENABLED": "1", "VAL_LOSS_EVERY": "0",
+    "PREQUANT_ONLY": "1", "MAX_WALLCLOCK_SECONDS": "0",
+}
+LOG_EVERY = 5
+PHASES = {"before loops": (10, 100), "after loops": (125, None)}  # step ranges timed (the loops switch at 35 %)
+
+
+def dataset(mirror: Path) -> tuple[Path, Path]:
+    """The mirror's shard folder and tokenizer (the record's DATA_PATH and TOKENIZER_PATH)."""
+    manifest = json.loads((mirror / "datasets" / "manifest.json").read_text())
+    return (mirror / "datasets" / "datasets" / manifest["datasets"][0]["name"],
+            mirror / "datasets" / manifest["tokenizers"][0]["model_path"])
+
+
+def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: int, log: Path,
+               timeout_s: float) -> dict:
+    """The record script to its pre-quantization eval (PREQUANT_ONLY); each output line logged with the seconds since
+    start. Past `timeout_s` it is stopped and what it logged so far is returned (`finished` false)."""
+    data, tok = dataset(mirror)
+    env = {**os.environ, **RECORD_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "ITERATIONS": str(steps),
+           "TRAIN_BATCH_TOKENS": str(batch_tokens), "TRAIN_LOG_EVERY": str(LOG_EVERY), "SEED": str(seed),
+           "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "standin"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=log.parent)
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    lines = []
+    with open(log, "w") as f:
+        for line in proc.stdout:
+            lines.append(line)
+            f.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")
+            f.flush()
+    proc.wait()
+    timer.cancel()
+    out = "".join(lines)
+    trace = []  # (step, train seconds, loss): the script logs cumulative tokens/s, from which its clock follows
+    for m in re.finditer(r"^(\d+)/\d+ train_loss: ([\d.]+) train_time: [\d.]+m tok/s: (\d+)", out, re.M):
+        step, loss, tps = int(m[1]), float(m[2]), int(m[3])
+        trace.append((step, step * batch_tokens / tps, loss))
+    raw = re.search(rf"^{steps}/{steps} val_loss: ([\d.]+) val_bpb: ([\d.]+)", out, re.M)
+    ema = re.search(r"pre-quantization post-ema val_loss:([\d.]+) val_bpb:([\d.]+)", out)
+    mem = re.search(r"peak memory allocated: (\d+) MiB", out)
+    if proc.returncode and proc.returncode != -9:
+        print(f"record script failed ({proc.returncode}); its log: {log}\n{out[-3000:]}", flush=True)
+    return {"trace": trace, "val_bpb_raw": float(raw[2]) if raw else float("nan"),
+            "val_bpb_ema": float(ema[2]) if ema else float("nan"),
+            "peak_memory_gib": int(mem[1]) / 1024 if mem else float("nan"), "finished": ema is not None,
+            "wall_s": time.perf_counter() - t0}
+
+
+def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: int) -> dict:
+    """pgolf's trainer on the mirror's shards with the preset's model and schedule; in this process."""
+    from pgolf import runtime
+    from pgolf.calibrate import calibrate
+    from pgolf.config import load_params
+    from pgolf.data import load_val
+    from pgolf.model import GPT
+    from pgolf.score import score
+    from pgolf.train import Trainer
+
+    params = load_params(preset)
+    cfg = replace(params.train, iterations=steps, max_seconds=0, calibration_reserve_s=0, batch_tokens=batch_tokens,
+                  micro_batch_tokens=batch_tokens // 8, seed=seed, log_every=LOG_EVERY, val_every=0,
+                  checkpoint_every_s=0)  # 8 micro-batches a step on one GPU, as the record's grad_accum_steps
+    data, _ = dataset(mirror)
+    trace = []
+
+    class Traced(Trainer):
+        def _log_step(self, loss, scale, step_seconds):
+            super()._log_step(loss, scale, step_seconds)
+            trace.append((self.step, self.train_seconds, self.losses[-1][1]))
+
+    t0 = time.perf_counter()
+    rt = runtime.init()
+    trainer = Traced(params.model, cfg, data, rt, log=print)
+    result = trainer.run()
+    val = load_val(data, params.model.vocab_size)
+    model = GPT(params.model).to(rt.device)
+    bpb = {}
+    for name, weights in (("raw", result.raw), ("ema", result.ema)):
+        model.load_state_dict({k: v.to(rt.device) for k, v in weights.items()} if name == "raw" else
+                              {**{k: v.to(rt.device) for k, v in result.raw.items()}, **weights})
+        model.passes = result.passes
+        bpb[name] = score(model, val, cfg.seq_len, 0, 32, device=rt.device, doc_mask=True).bpb
+    c = calibrate(model, params.calibrate, data, rt.device)  # the preset's calibration, counted in the train budget
+    return {"trace": trace, "val_bpb_raw": bpb["raw"], "val_bpb_ema": bpb["ema"],
+            "peak_memory_gib": result.metrics["peak_memory_gib"], "compile_s": result.metrics["compile_seconds"],
+            "calibrate_s": round(c.seconds, 2), "calibrate_tokens": c.tokens, "wall_s": time.perf_counter() - t0}
+
+
+def phase_rates(trace: list, batch_tokens: int, steps: int) -> dict:
+    clock = {s: t for s, t, _ in trace}
+    out = {}
+    for name, (a, b) in PHASES.items():
+        b = b or steps
+        if a in clock and b in clock:
+            sec = (clock[b] - clock[a]) / (b - a)
+            out[name] = {"ms_per_step": round(1000 * sec, 1), "tokens_per_s": round(batch_tokens / sec)}
+        else:  # the run stopped before the phase ended
+            out[name] = {"ms_per_step": float("nan"), "tokens_per_s": float("nan")}
+    return out
+
+
+def summary(side: dict, batch_tokens: int, steps: int) -> dict:
+    losses = {s: l for s, _, l in side["trace"]}
+    last = [l for s, l in losses.items() if s > steps - 100]
+    return {"mean_loss_last_100": sum(last) / len(last) if last else float("nan"),
+            "phases": phase_rates(side["trace"], batch_tokens, steps),
+            **{k: v for k, v in side.items() if k != "trace"}}
+
+
+def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict]:
+    a, b = summary(rec, batch_tokens, steps), summary(pg, batch_tokens, steps)
+    ra, rb = ({s: l for s, _, l in x["trace"]} for x in (rec, pg))
+    lines = ["| step | record loss | pgolf loss | diff |", "|---|---|---|---|"]
+    for s in sorted(set(ra) & set(rb)):
+        if s % 25 == 0 or s == 1:
+            lines.append(f"| {s} | {ra[s]:.4f} | {rb[s]:.4f} | {rb[s] - ra[s]:+.4f} |")
+    lines += ["", "| | record script | pgolf | pgolf vs record |", "|---|---|---|---|"]
+
+    def row(name, x, y, fmt, ratio=True):
+        lines.append(f"| {name} | {fmt.format(x)} | {fmt.format(y)} | " + (f"{y / x:.3f} |" if ratio else f"{y - x:+.4f} |"))
+
+    row("mean train loss, last 100 steps", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
+    row("pre-quant val bpb, raw weights", a["val_bpb_raw"], b["val_bpb_raw"], "{:.4f}", False)
+    row("pre-quant val bpb, EMA weights", a["val_bpb_ema"], b["val_bpb_ema"], "{:.4f}", False)
+    for phase in PHASES:
+        row(f"ms/step, {phase}", a["phases"][phase]["ms_per_step"], b["phases"][phase]["ms_per_step"], "{:.1f}")
+        row(f"tokens/s, {phase}", a["phases"][phase]["tokens_per_s"], b["phases"][phase]["tokens_per_s"], "{:,}")
+    row("peak memory GiB", a["peak_memory_gib"], b["peak_memory_gib"], "{:.2f}")
+    ratio = min(b["phases"][p]["tokens_per_s"] / a["phases"][p]["tokens_per_s"] for p in PHASES)
+    return "\n".join(lines), {"record": a, "pgolf": b, "tokens_per_s_ratio_min": round(ratio, 4),
+                              "loss_diff_last_100": round(b["mean_loss_last_100"] - a["mean_loss_last_100"], 4),
+                              "val_bpb_ema_diff": round(b["val_bpb_ema"] - a["val_bpb_ema"], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--record", type=Path, help="the record's train_gpt.py")
+    ap.add_argument("--mirror", type=Path, required=True, help="a CaseOps mirror (pgolf mirror --caseops)")
+    ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-tokens", type=int, default=786_432, help="per step; 8 micro-batches on one GPU")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", type=Path, default=Path("record_parity.json"))
+    ap.add_argument("--results", type=Path, help="also record the table under record_parity in this results file")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop the record script this long after the start")
+    ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
+    args = ap.parse_args()
+    if args.side == "pgolf":
+        print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed)))
+        return
+    work = args.out.resolve().parent
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--side", "pgolf", "--mirror", str(args.mirror), "--preset",
+                        str(args.preset), "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
+                        "--seed", str(args.seed)], capture_output=True, text=True)
+    (work / "record_parity_pgolf.log").write_text(p.stdout + p.stderr)
+    if p.returncode:
+        raise SystemExit(f"pgolf side failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    pg = json.loads(p.stdout.split("PGOLF_RESULT ", 1)[1])
+    print(f"pgolf: {pg['wall_s']:.0f} s", flush=True)
+    rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
+                     work / "record_parity_record.log", args.budget_s - (time.perf_counter() - t0))
+    print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped at the budget)"), flush=True)
+    text, result = table(rec, pg, args.batch_tokens, args.steps)
+    import torch
+
+    result |= {"gpu": torch.cuda.get_device_name(), "steps": args.steps, "batch_tokens": args.batch_tokens,
+               "seed": args.seed, "record_script": str(args.record), "table": text,
+               "traces": {"record": rec["trace"], "pgolf": pg["trace"]}}
+    print(text)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.results:
+        results = json.loads(args.results.read_text())
+        results["record_parity"] = {k: v for k, v in result.items() if k != "traces"}
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
