@@ -88,8 +88,12 @@ def block_mask(docs: torch.Tensor, block: int = 128):
     partial = visible & ~full
 
     def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (dense.sum(-1, dtype=torch.int32)[:, None],
-                torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None])
+        """(count, indices) of the set blocks of each row, indices first in order: each set block j is scattered to
+        slot (number of set blocks before it); the unset ones to a spare slot that is dropped. No sort."""
+        slot = torch.where(dense, dense.cumsum(-1) - 1, nb)
+        cols = j.expand_as(slot).to(torch.int32)
+        indices = torch.zeros(B, nb, nb + 1, dtype=torch.int32, device=docs.device).scatter_(-1, slot, cols)
+        return dense.sum(-1, dtype=torch.int32)[:, None], indices[..., :nb][:, None].contiguous()
 
     def same_doc_causal(b, h, q, k):
         return (docs[b, q] == docs[b, k]) & (q >= k)

@@ -12,6 +12,8 @@ order-0 entropy of such codes at about ten times the speed of ZPAQ's level 5, in
 
 import io
 import lzma
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,10 +87,21 @@ def _zpaq_o1_compress(data: bytes) -> bytes:
     return zpaq.compress(data, threads=1, method=ZPAQ_O1)
 
 
-def _zpaq_decompress(data: bytes, limit: int) -> bytes:
-    import zpaq
+# libzpaq cannot stop early, and a few hundred KB of crafted ZPAQ decode to gigabytes: it decodes in a child process
+# whose address space is capped (its model's memory plus a few times the declared size) and whose time is bounded.
+ZPAQ_MEMORY = 320 << 20  # level 5's model takes about 200 MiB
+ZPAQ_WORKER = ("import resource,sys;c=int(sys.argv[1]);resource.setrlimit(resource.RLIMIT_AS,(c,c));import zpaq;"
+               "sys.stdout.buffer.write(zpaq.decompress(sys.stdin.buffer.read(),threads=1))")
 
-    return zpaq.decompress(data)  # libzpaq cannot stop early: a stream's size is checked after decoding
+
+def _zpaq_decompress(data: bytes, limit: int) -> bytes:
+    cap = ZPAQ_MEMORY + 4 * limit
+    p = subprocess.run([sys.executable, "-c", ZPAQ_WORKER, str(cap)], input=data, capture_output=True,
+                       timeout=60 + 10 * limit / 2**20)
+    if p.returncode:
+        reason = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["killed"]
+        raise ValueError(f"decoder stopped: {reason[0][:120]}")
+    return p.stdout
 
 
 def _ppmd_compress(data: bytes) -> bytes:
@@ -128,7 +141,8 @@ def decompress(codec_id: int, data: bytes, size: int, where: str) -> bytes:
     try:
         out = CODECS[name].decompress(data, size)
     except Exception as e:  # each codec raises its own error type on damaged input
-        raise PgolfError(f"{where}: corrupted or truncated blob ({name}: {type(e).__name__})") from None
+        detail = f"{type(e).__name__}: {e}" if isinstance(e, (ValueError, subprocess.TimeoutExpired)) else type(e).__name__
+        raise PgolfError(f"{where}: corrupted or truncated blob ({name}: {detail.splitlines()[0][:200]})") from None
     if len(out) != size:
         raise PgolfError(f"{where}: corrupted blob ({name} stream holds {'more' if len(out) > size else 'fewer'} "
                          f"than the {size:,} bytes its header declares)")

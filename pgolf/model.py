@@ -302,9 +302,9 @@ class GPT(nn.Module):
             cos, sin = angles.cos(), angles.sin()
         return cos.to(dtype), sin.to(dtype)
 
-    def hidden(self, idx: torch.Tensor, doc_mask: bool = False) -> torch.Tensor:
-        """Final normed hidden states (B, T, dim): the input of the output head. With `doc_mask`, attention stays
-        inside each document (a new one at every BOS)."""
+    def hidden(self, idx: torch.Tensor, doc_mask: bool | DocMask = False) -> torch.Tensor:
+        """Final normed hidden states (B, T, dim): the input of the output head. With `doc_mask` (True, or a mask
+        made from idx by attention.document_mask), attention stays inside each document (a new one at every BOS)."""
         dt = activation_dtype(idx.device)  # a bf16 stream halves the elementwise traffic
         # the table, not the rows, is cast: x0, which every layer reads again, is then bf16 as well
         x = F.embedding(idx, self.tok_emb.weight.to(dt))
@@ -320,7 +320,7 @@ class GPT(nn.Module):
         ve = self.ve_proj(self.ve_emb(idx)) if self.cfg.ve_last else None
         # U-Net over the running order (recurrent passes included): its first half pushes skips, which the
         # second half pops in reverse, the k-th decoder position weighting (and, with gates, blending) the k-th
-        mask = document_mask(idx, self.cfg.bos_id) if doc_mask else None
+        mask = doc_mask if isinstance(doc_mask, DocMask) else document_mask(idx, self.cfg.bos_id) if doc_mask else None
         order = self.layer_order()
         n_enc = len(order) // 2 if self.cfg.unet_skips else 0
         skips, lane1 = [], None  # lane 1 exists from the first two-lane block on; x is lane 0 from there
@@ -346,7 +346,7 @@ class GPT(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def logits(self, idx: torch.Tensor, temperature: float = 1.0, doc_mask: bool = False) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, temperature: float = 1.0, doc_mask: bool | DocMask = False) -> torch.Tensor:
         h = self.hidden(idx, doc_mask)
         logits = F.linear(h, self.head_weight().to(h.dtype)).float()
         if self.cfg.logit_softcap:
@@ -354,13 +354,13 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         return logits / temperature if temperature != 1.0 else logits
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, doc_mask: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, doc_mask: bool | DocMask = False) -> torch.Tensor:
         """Mean next-token cross-entropy (nats)."""
         logits = self.logits(idx, doc_mask=doc_mask)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  doc_mask: bool = False) -> torch.Tensor:
+                  doc_mask: bool | DocMask = False) -> torch.Tensor:
         """Per-token NLL (B, T) in nats."""
         logits = self.logits(idx, temperature, doc_mask)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)

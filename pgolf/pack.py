@@ -44,6 +44,7 @@ HEAD = struct.Struct("<6sB32sII")  # magic, version, sha256, packed header lengt
 MAX_HEADER = 16 << 20
 MAX_RAW = 1 << 30  # a blob may declare at most 1 GiB of raw streams (the challenge's are ~30 MB)
 CHUNK = 2 << 20  # fixed, not derived from the host's cores: the same model gives the same blob on any machine
+MIN_CHUNK = 64 << 10  # a read blob's chunks are no smaller: bounds their count (and the decode jobs) by MAX_RAW
 SAMPLE_CHUNKS, SAMPLE_CHUNK = 4, 64 << 10  # what a codec trial compresses of a large stream
 SERIAL_BELOW = 2 << 20  # jobs smaller than this in total run one after another
 
@@ -344,7 +345,7 @@ def unpack(blob: bytes, where: str = "blob") -> tuple[dict[str, torch.Tensor], d
         raise PgolfError(f"{where}: malformed blob header ({type(e).__name__})") from None
     if sum(s[3] for s in streams) > MAX_RAW:
         raise PgolfError(f"{where}: declares {sum(s[3] for s in streams):,} raw bytes, more than a blob may hold ({MAX_RAW:,})")
-    if chunk < 1 or any(raw < 0 or len(p) != -(-raw // chunk) or min(p, default=0) < 0 for _, _, _, raw, p in streams):
+    if chunk < MIN_CHUNK or any(raw < 0 or len(p) != -(-raw // chunk) or min(p, default=0) < 0 for _, _, _, raw, p in streams):
         raise PgolfError(f"{where}: malformed blob header (chunk sizes do not match the streams)")
     if HEAD.size + hpacked + sum(sum(s[4]) for s in streams) != len(blob):
         raise PgolfError(f"{where}: corrupted or truncated blob (stream sizes do not add up to its {len(blob):,} bytes)")

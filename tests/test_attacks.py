@@ -95,3 +95,69 @@ def test_a_linked_checkpoint_lock_does_not_truncate_its_target(repo, tmp_path_fa
     os.symlink(victim.parent, repo / "artifacts/train/checkpoint")  # a linked folder would keep checkpoints outside
     with pytest.raises(PgolfError, match="checkpoint: is a symbolic link"):
         lock("artifacts/train/checkpoint", "a trainer,")
+
+
+# Each crafted blob is read by `python -c` in a child whose address space is capped at 2 GiB: it must end in one line,
+# quickly, far under the cap (the blobs of the attack reached 4.48 GB and 8.3 GB of RSS).
+READ_CRAFTED = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from pgolf import codecs, pack
+from pgolf.errors import PgolfError
+codecs.ZPAQ_MEMORY = 48 << 20  # the o1 model fits; keeps the capped child's run short
+t = time.perf_counter()
+try:
+    pack.unpack(open(sys.argv[1], "rb").read(), "crafted.blob")
+    print("READ")
+except PgolfError as e:
+    print(f"ERR {time.perf_counter() - t:.1f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} {e}")
+"""
+
+
+def crafted_blob(codec: str, chunk: int, raw: int, chunks: list[bytes]) -> bytes:
+    import hashlib
+    import json
+    import lzma
+
+    from pgolf import codecs, pack
+
+    header = json.dumps({"meta": {}, "chunk": chunk, "tensors": [],
+                         "streams": [["codes.mlp", "int8", codecs.CODECS[codec].id, raw, [len(c) for c in chunks]]]},
+                        separators=(",", ":"))
+    packed = lzma.compress(header.encode())
+    return (pack.HEAD.pack(pack.MAGIC, pack.VERSION, hashlib.sha256(b"x").digest(), len(packed), len(header))
+            + packed + b"".join(chunks))
+
+
+def read_crafted(tmp_path, blob: bytes) -> tuple[float, int, str]:
+    """(seconds, peak RSS in MiB of the reader, its one-line error)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "crafted.blob").write_bytes(blob)
+    p = subprocess.run([sys.executable, "-c", READ_CRAFTED, str(tmp_path / "crafted.blob")], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.startswith("ERR "), p.stdout + p.stderr[-2000:]
+    _, seconds, rss, message = p.stdout.strip().split(" ", 3)
+    return float(seconds), int(rss), message
+
+
+def test_a_zpaq_bomb_is_stopped_by_the_decoders_memory_cap(tmp_path, monkeypatch):
+    import zpaq
+
+    from pgolf import codecs
+
+    monkeypatch.setattr(codecs, "ZPAQ_MEMORY", 48 << 20)  # the cap the reader below runs under
+    legit = bytes(range(256)) * 4096
+    assert codecs.decompress(6, codecs.compress("zpaq_o1", legit), len(legit), "x") == legit
+    bomb = zpaq.compress(b"\0" * (1 << 20), method=codecs.ZPAQ_O1, threads=1) * 200  # ~21 KB -> 200 MiB of zeros
+    seconds, rss, message = read_crafted(tmp_path, crafted_blob("zpaq_o1", 1 << 20, 1 << 20, [bomb]))
+    assert message.startswith("crafted.blob: corrupted or truncated blob (zpaq_o1: ValueError: decoder stopped: ")
+    assert "emory" in message and "\n" not in message  # the decoder ran out of its capped address space
+    assert rss < 600, rss  # MiB: the reader never holds the output
+
+
+def test_a_flood_of_tiny_chunks_is_refused_before_any_decoding(tmp_path):
+    seconds, rss, message = read_crafted(tmp_path, crafted_blob("zstd", 1, 7_000_000, [b""] * 7_000_000))
+    assert message == "crafted.blob: malformed blob header (chunk sizes do not match the streams)"
+    assert seconds < 30 and rss < 1500, (seconds, rss)
