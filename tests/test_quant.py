@@ -181,6 +181,7 @@ def test_streams_are_cut_into_chunks_that_give_the_same_blob_on_any_core_count(m
     result = problem().quantize()
     plan = pack.plan_streams(result, "zpaq", "int8")
     monkeypatch.setattr(pack, "CHUNK", 1000)
+    monkeypatch.setattr(pack, "MIN_CHUNK", 1000)
     monkeypatch.setattr(pack, "SERIAL_BELOW", 0)  # the thread pool even for this small model
     blob, report = pack.pack(result, {}, plan)
     streams = {s[0]: s for s in blob_header(blob)["streams"]}
@@ -197,6 +198,7 @@ def test_a_chunk_cache_shared_by_two_packs_compresses_each_chunk_once(tmp_path, 
     result = problem().quantize()
     plan = pack.plan_streams(result, "zpaq", "int8")
     monkeypatch.setattr(pack, "CHUNK", 1000)
+    monkeypatch.setattr(pack, "MIN_CHUNK", 1000)
     calls = []
     compress = codecs.compress
     monkeypatch.setattr(codecs, "compress", lambda codec, data: calls.append(codec) or compress(codec, data))
