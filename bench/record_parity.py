@@ -15,6 +15,7 @@ bench/results.json with --results.
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -105,6 +106,8 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
         def _log_step(self, loss, scale, step_seconds):
             super()._log_step(loss, scale, step_seconds)
             trace.append((self.step, self.train_seconds, self.losses[-1][1]))
+            if not math.isfinite(trace[-1][2]):
+                raise SystemExit(f"pgolf: train loss {trace[-1][2]} at step {self.step}")
 
     t0 = time.perf_counter()
     rt = runtime.init()
@@ -193,9 +196,11 @@ def main() -> None:
                         "--seed", str(args.seed)], capture_output=True, text=True)
     (work / "record_parity_pgolf.log").write_text(p.stdout + p.stderr)
     if p.returncode:
-        raise SystemExit(f"pgolf side failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    pg = json.loads(p.stdout.split("PGOLF_RESULT ", 1)[1])
-    print(f"pgolf: {pg['wall_s']:.0f} s", flush=True)
+        print(f"pgolf side failed ({p.returncode}):\n{p.stderr[-1500:]}", flush=True)
+        pg = {"trace": [], "val_bpb_raw": float("nan"), "val_bpb_ema": float("nan"), "peak_memory_gib": float("nan")}
+    else:
+        pg = json.loads(p.stdout.split("PGOLF_RESULT ", 1)[1])
+        print(f"pgolf: {pg['wall_s']:.0f} s", flush=True)
     rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
                      work / "record_parity_record.log", args.budget_s - (time.perf_counter() - t0))
     print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped at the budget)"), flush=True)

@@ -320,7 +320,7 @@ class GPT(nn.Module):
         ve = self.ve_proj(self.ve_emb(idx)) if self.cfg.ve_last else None
         # U-Net over the running order (recurrent passes included): its first half pushes skips, which the
         # second half pops in reverse, the k-th decoder position weighting (and, with gates, blending) the k-th
-        mask = doc_mask if isinstance(doc_mask, DocMask) else document_mask(idx, self.cfg.bos_id) if doc_mask else None
+        mask = document_mask(idx, self.cfg.bos_id) if doc_mask is True else doc_mask or None
         order = self.layer_order()
         n_enc = len(order) // 2 if self.cfg.unet_skips else 0
         skips, lane1 = [], None  # lane 1 exists from the first two-lane block on; x is lane 0 from there

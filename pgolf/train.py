@@ -24,6 +24,7 @@ from .checkpoint import load_tensors, save_tensors
 from .config import ModelConfig, TrainConfig
 from .data import TrainLoader, shard_paths
 from .errors import PgolfError
+from .attention import document_mask
 from .model import GPT, autocast
 from .runtime import Runtime, all_max, gpu_name
 
@@ -105,9 +106,12 @@ class Trainer:
         total = torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
+            # the mask is built here, outside the compiled model: built inside it (FlexAttention's block mask traced
+            # into the graph), training on one H200 turned NaN at the second step; passed in, it compiles once
+            mask = document_mask(x, self.mcfg.bos_id) if cfg.doc_mask else None
             sync = micro == self.accum - 1 or self.rt.world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):
-                loss = model(x, y, cfg.doc_mask)
+                loss = model(x, y, mask)
             (loss / self.accum).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
