@@ -1,10 +1,13 @@
 """The `pgolf` command: tools around the pipeline that `dvc repro` does not run."""
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
 from .errors import PgolfError
+from . import launch
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -70,10 +73,18 @@ def main(argv: list[str] | None = None) -> None:
                    "(the record's CaseOps export; --tokenizer the record's model, or one is trained with the operators)")
     p.set_defaults(run=mirror)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, launch.interrupt_once)
     try:
         args.run(args)
+        sys.stdout.flush()
     except PgolfError as e:
         sys.exit(f"error: pgolf {args.command}: {e}")
+    except KeyboardInterrupt:
+        launch.ignore_signals()
+        sys.exit(f"error: pgolf {args.command}: interrupted")
+    except BrokenPipeError:  # `pgolf compare | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

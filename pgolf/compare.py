@@ -81,12 +81,22 @@ def load_show(path: str | None) -> list[dict]:
     """`dvc exp show --json` of this repo, or its saved output."""
     if path:
         try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            with open(path, encoding="utf-8") as f:
+                show = json.load(f)
+        except FileNotFoundError:
+            raise PgolfError(f"{path}: file not found (save one with `dvc exp show --json > {path}`)") from None
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
             raise PgolfError(f"{path}: not the JSON `dvc exp show --json` writes ({type(e).__name__})") from None
-    p = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-    if p.returncode:
-        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"status {p.returncode}"
-        raise PgolfError(f"dvc exp show failed: {last}")
-    return json.loads(p.stdout)
+        where = path
+    else:
+        try:
+            p = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        except FileNotFoundError:
+            raise PgolfError("dvc is not on PATH (activate the environment pgolf is installed in)") from None
+        if p.returncode:
+            last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"status {p.returncode}"
+            raise PgolfError(f"dvc exp show failed: {last}")
+        show, where = json.loads(p.stdout), "dvc exp show --json"
+    if not isinstance(show, list) or not all(isinstance(rev, dict) for rev in show):
+        raise PgolfError(f"{where}: not the JSON `dvc exp show --json` writes (expected a list of revisions)")
+    return show

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import PgolfError
 
+MIN_SHARD_TOKENS = 256  # smaller shards are a typo: millions of files
 NPROC = r"gpu|[1-9][0-9]*"  # gpu = every visible GPU (1 process without one), or a number of processes
 
 
@@ -44,7 +45,7 @@ class DataConfig:
     vocab_size: int = param(1024, ge=260)  # size of a tokenizer trained here (byte fallback needs 256 + 4)
     tokenizer_train_chars: int = param(200_000_000, ge=1)  # cap on text fed to the tokenizer trainer
     val_docs: int = param(50_000, ge=1)  # the first N documents are the validation split
-    shard_tokens: int = param(100_000_000, ge=1)
+    shard_tokens: int = param(100_000_000, ge=MIN_SHARD_TOKENS)
     caseops: bool = False  # lossless case transform (jsonl/builtin: applied here; fineweb: a CaseOps export's
     # shards with their val_bytes sidecars); the tokenizer must hold the case operators; bpb on the original bytes
     fineweb_repo: str = "willdepueoai/parameter-golf"
@@ -129,7 +130,7 @@ class TrainConfig:
     qat_bits: int = param(6, ge=2, le=8)
     compile: bool = True
     compile_warmup_steps: int = param(20, ge=0)
-    seed: int = 1337
+    seed: int = param(1337, ge=0, le=2**32 - 1)
     nproc_per_node: str = param("gpu", pattern=NPROC)
     log_every: int = param(50, ge=1)
     val_every: int = param(0, ge=0)  # periodic val bpb every N steps (and at the end); 0 = off
@@ -153,7 +154,7 @@ class CalibrateConfig:
     seq_len: int = param(2048, ge=1)
     batch_seqs: int = param(8, ge=1)
     temperature: float = param(0.8, gt=0)
-    seed: int = 0
+    seed: int = param(0, ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -374,6 +375,9 @@ def check_combinations(p: Params) -> None:
     _require(t.max_seconds == 0 or t.calibration_reserve_s < t.max_seconds,
              f"train.calibration_reserve_s: {t.calibration_reserve_s} leaves no training time under "
              f"train.max_seconds {t.max_seconds}")
+    _require(t.max_seconds <= p.audit.train_budget_s,
+             f"train.max_seconds: {t.max_seconds} > audit.train_budget_s {p.audit.train_budget_s}: the audit would "
+             f"fail the run after training")
     _require(e.stride <= e.seq_len, f"eval.stride: {e.stride} > eval.seq_len {e.seq_len}")
     _require(bool(q.clip_percentiles) and all(0 < c <= 1 for c in q.clip_percentiles),
              f"quant.clip_percentiles: {q.clip_percentiles}; expected a non-empty list of fractions in (0, 1]")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import caseops, data, fineweb
-from .config import DataConfig
+from .config import MIN_SHARD_TOKENS, DataConfig
 from .errors import PgolfError
 from .io import atomic_dir, sha256_file, write_json
 from .registry import Registry
@@ -203,6 +203,10 @@ def write_mirror(paths: list[str], out: Path, val_docs: int, shard_tokens: int, 
     CaseOps export's layout (the record's prepare_caseops_data.py): transformed text, variant
     sp<VOCAB>_lossless_caps_caseops_v1_reserved, and fineweb_val_bytes_* sidecars of each val token's original
     bytes. Returns the manifest."""
+    for option, value, low in (("--shard-tokens", shard_tokens, MIN_SHARD_TOKENS), ("--val-docs", val_docs, 1),
+                               ("--vocab", vocab_size, 260)):
+        if value < low:
+            raise PgolfError(f"{option}: {value}; expected >= {low}")
     data.corpus_files(paths)
     if out.exists():
         raise PgolfError(f"{out}: exists; a mirror is written to a new folder")

@@ -44,12 +44,19 @@ def plan(manifest: dict, variant: str, train_shards: int, val_bytes: bool = Fals
     """The files to fetch for `variant`: all val shards (and, for CaseOps, their val_bytes sidecars), the first
     `train_shards` train shards, the tokenizer."""
     name = dataset_dir(variant)
+    if not (isinstance(manifest, dict) and all(isinstance(manifest.get(k, []), list) and
+                                                all(isinstance(d, dict) for d in manifest.get(k, []))
+                                                for k in ("datasets", "tokenizers"))):
+        raise PgolfError("manifest.json: expected an object whose datasets and tokenizers are lists of objects")
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if entry is None:
         known = sorted(d.get("name", "?").removeprefix("fineweb10B_") for d in manifest.get("datasets", []))
         raise PgolfError(f"data.fineweb_variant: {variant!r} is not in the manifest; it lists {known}")
-    stats = entry.get("stats") or {}
-    available, val_shards = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    try:
+        stats = entry.get("stats") or {}
+        available, val_shards = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    except (AttributeError, TypeError, ValueError):
+        raise PgolfError(f"manifest.json: the stats of {name} are not counts of files") from None
     if not 0 < train_shards <= available:
         raise PgolfError(f"data.train_shards: {train_shards} requested, {name} has 1..{available}")
     tokenizer = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
@@ -72,6 +79,9 @@ def _mirror_path(mirror: Path, relative: str) -> Path:
     """A remote path in a mirror of either layout: the Hub's, or upstream's downloader's (no leading datasets/)."""
     for candidate in (mirror / relative, mirror / Path(relative).relative_to(REMOTE_ROOT)):
         if candidate.is_file():
+            if not candidate.resolve().is_relative_to(mirror.resolve()):
+                raise PgolfError(f"{candidate}: lies outside the mirror (a manifest path may not leave "
+                                 f"data.fineweb_mirror {mirror})")
             return candidate
     raise PgolfError(f"{mirror / relative}: not found in the mirror (data.fineweb_mirror; neither the Hub's layout "
                      f"nor upstream's data/ layout has it)")

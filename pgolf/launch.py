@@ -21,6 +21,19 @@ WORKER_ENV = "PGOLF_ERRORS"  # set in ranks started here: the folder a failing r
 GRACE_S = 10.0  # how long stopped ranks get to exit before they are killed
 
 
+def ignore_signals() -> None:
+    """From here on SIGINT and SIGTERM are ignored: a second signal during the cleanup an interrupt starts would
+    otherwise end in an `Exception ignored ... KeyboardInterrupt` traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def interrupt_once(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: KeyboardInterrupt, once."""
+    ignore_signals()
+    raise KeyboardInterrupt
+
+
 def resolve_nproc(value: str, key: str, visible_gpus: int) -> int:
     """`gpu` = every visible GPU (one process without any), or a count no larger than the GPUs visible."""
     if value == "gpu":

@@ -12,10 +12,6 @@ from .errors import PgolfError
 from .io import refuse_links, write_json
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _writable(folder: Path) -> None:
     refuse_links(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -28,7 +24,7 @@ def run(main: Callable[[], dict | None], name: str) -> None:
     status 1, SIGINT/SIGTERM with one line and status 130; the metrics it returns are written to
     artifacts/<name>/metrics.json."""
     launch.die_with_dvc()
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, launch.interrupt_once)
     t0 = time.perf_counter()
     try:
         _writable(paths.ARTIFACTS / name)  # before the work, not after it
@@ -44,6 +40,7 @@ def run(main: Callable[[], dict | None], name: str) -> None:
         launch.report_error(f"error: {name}: {where}{e.strerror or e}")
         sys.exit(1)
     except KeyboardInterrupt:
+        launch.ignore_signals()  # Ctrl-C began it (SIGTERM's handler ignores them already)
         if not launch.is_worker():  # the launcher reports the interrupt once for all ranks
             print(f"error: {name}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -161,3 +161,79 @@ def test_a_flood_of_tiny_chunks_is_refused_before_any_decoding(tmp_path):
     seconds, rss, message = read_crafted(tmp_path, crafted_blob("zstd", 1, 7_000_000, [b""] * 7_000_000))
     assert message == "crafted.blob: malformed blob header (chunk sizes do not match the streams)"
     assert seconds < 30 and rss < 1500, (seconds, rss)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("null", "not the JSON `dvc exp show --json` writes (expected a list of revisions)"),
+    ("[1]", "not the JSON `dvc exp show --json` writes (expected a list of revisions)"),
+    (b"\xff\xfe[", "not the JSON `dvc exp show --json` writes (UnicodeDecodeError)"),
+])
+def test_pgolf_compare_refuses_what_is_not_an_experiment_table_in_one_line(tmp_path, content, message):
+    from conftest import run
+
+    f = tmp_path / "exps.json"
+    f.write_bytes(content.encode() if isinstance(content, str) else content)
+    p = run(["pgolf", "compare", str(f)], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: pgolf compare: {f}: {message}"
+    p = run(["pgolf", "compare", str(tmp_path / "missing.json")], tmp_path, check=False)
+    assert p.stderr.strip().endswith("missing.json: file not found (save one with `dvc exp show --json > "
+                                     f"{tmp_path / 'missing.json'}`)")
+
+
+def test_pgolf_compare_without_dvc_on_path_and_into_a_closed_pipe(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": "/nonexistent"}
+    p = subprocess.run([sys.executable, "-m", "pgolf.cli", "compare"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and p.stderr.strip() == "error: pgolf compare: dvc is not on PATH (activate the " \
+                                                     "environment pgolf is installed in)"
+    show = [{"rev": "workspace", "data": {"rev": "workspace", "metrics": {"artifacts/eval/metrics.json": {"data": {
+        "val_bpb": 1.5 + i / 1000}}}}} for i in range(3)]
+    show[0]["experiments"] = [{"revs": [{"name": f"e{i}", "data": {"metrics": {"artifacts/eval/metrics.json": {
+        "data": {"val_bpb": 1.0 + i / 1000}}}}}]} for i in range(3000)]
+    (tmp_path / "show.json").write_text(json.dumps(show))
+    p = subprocess.run(f"{sys.executable} -m pgolf.cli compare show.json | head -1", shell=True, cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert p.stdout.startswith("| experiment") and p.stderr == "", p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard-tokens", "0"], "--shard-tokens: 0; expected >= 256"),
+    (["--shard-tokens", "-1"], "--shard-tokens: -1; expected >= 256"),
+    (["--val-docs", "-1"], "--val-docs: -1; expected >= 1"),
+])
+def test_pgolf_mirror_refuses_bad_numbers_in_one_line(tmp_path, args, message):
+    from conftest import run
+
+    (tmp_path / "c.txt").write_text("some text")
+    p = run(["pgolf", "mirror", str(tmp_path / "c.txt"), "--out", str(tmp_path / "m"), *args], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: pgolf mirror: {message}"
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_manifest_of_the_wrong_shape_or_a_path_out_of_the_mirror_is_one_line(tmp_path):
+    import json
+
+    import numpy as np
+
+    from pgolf import fineweb
+    from pgolf.data import write_shard
+
+    for manifest in ([1, 2], {"datasets": {"a": 1}}, {"datasets": [{"name": "fineweb10B_sp1024", "stats": 5}]}):
+        with pytest.raises(PgolfError, match=r"manifest.json: "):
+            fineweb.plan(manifest, "sp1024", 1)
+    (tmp_path / "mirror" / "datasets").mkdir(parents=True)
+    (tmp_path / "secret.model").write_text("x")
+    manifest = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp1024",
+                              "stats": {"files_train": 0, "files_val": 0}}],
+                "tokenizers": [{"name": "sp1024", "model_path": "../../secret.model"}]}
+    (tmp_path / "mirror" / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    manifest["datasets"][0]["stats"]["files_train"] = 1
+    (tmp_path / "mirror" / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    write_shard(tmp_path / "mirror/datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin", np.arange(300))
+    with pytest.raises(PgolfError, match=r"secret.model: lies outside the mirror"):
+        fineweb.fetch("r", "sp1024", 1, mirror=str(tmp_path / "mirror"))
