@@ -1,4 +1,10 @@
-"""The challenge's rules, checked: artifact size, the time budgets, a complete and finite score, and legality."""
+"""The challenge's rules, checked: artifact size, the time budgets, a complete and finite score, and legality.
+
+"audit passed" certifies the challenge as it is: 16,000,000 bytes, 600 s of training and 600 s of eval, train and
+validation disjoint, the whole validation split of the source scored, and the blob scored the blob sized. A run under
+other limits, or on a partial or demo split, that meets its own settings reads `audit passed (not the challenge: ...)`
+and is exported as a non-record submission.
+"""
 
 import math
 from dataclasses import dataclass
@@ -7,6 +13,9 @@ from pathlib import Path
 from .config import AuditConfig
 
 CHALLENGE_HARDWARE = "8x NVIDIA H100"
+CHALLENGE_LIMIT_BYTES = 16_000_000
+CHALLENGE_BUDGET_S = 600.0  # training, and eval
+CHALLENGE_VAL_DOCS = 50_000  # FineWeb's validation split: the first 50,000 documents
 
 
 @dataclass
@@ -27,6 +36,27 @@ class Evidence:
     val_tokens_trained_before_scored: int
     ttt: str
     eval_inputs: list[str]
+    blob_sha256: str = ""  # the blob the audit sizes ...
+    scored_blob_sha256: str = ""  # ... and the one eval scored
+    split_sha256: str = ""  # the validation tokens tokenize wrote ...
+    scored_split_sha256: str = ""  # ... and those eval scored
+    val_docs_in_train: int | None = None  # validation documents found in the train split (jsonl sources)
+    data_source: str = "fineweb"
+    val_docs: int | None = None  # the split's documents where the source is cut into splits here
+
+
+def deviations(ev: Evidence, cfg: AuditConfig) -> list[str]:
+    """How the run's rules differ from the challenge's (each still checked as set)."""
+    out = []
+    if cfg.limit_bytes != CHALLENGE_LIMIT_BYTES:
+        out.append(f"limit {cfg.limit_bytes:,} bytes")
+    if cfg.train_budget_s != CHALLENGE_BUDGET_S or cfg.eval_budget_s != CHALLENGE_BUDGET_S:
+        out.append(f"budgets {cfg.train_budget_s:g} s train / {cfg.eval_budget_s:g} s eval")
+    if ev.data_source == "builtin":
+        out.append("the built-in demo corpus")
+    elif ev.val_docs is not None and ev.val_docs != CHALLENGE_VAL_DOCS:
+        out.append(f"a validation split of {ev.val_docs:,} documents, not {CHALLENGE_VAL_DOCS:,}")
+    return out
 
 
 def check(ev: Evidence, cfg: AuditConfig) -> dict:
@@ -55,10 +85,20 @@ def check(ev: Evidence, cfg: AuditConfig) -> dict:
     seen_train = [f for f in ev.eval_inputs if not Path(f).name.startswith("val_")]
     if seen_train:
         failures.append(f"legality: eval read non-validation data: {', '.join(seen_train)}")
+    if ev.val_docs_in_train:
+        failures.append(f"legality: {ev.val_docs_in_train:,} validation documents also appear in the training split")
+    if ev.blob_sha256 != ev.scored_blob_sha256:
+        failures.append(f"integrity: the blob sized (sha256 {ev.blob_sha256[:12]}) is not the blob eval scored "
+                        f"({ev.scored_blob_sha256[:12] or 'none recorded'}); rerun eval")
+    if ev.split_sha256 != ev.scored_split_sha256:
+        failures.append(f"coverage: eval scored validation tokens (sha256 {ev.scored_split_sha256[:12] or 'none'}) "
+                        f"other than the split tokenize wrote ({ev.split_sha256[:12] or 'none'})")
+    off = deviations(ev, cfg)
     notes = [f"{what} measured on {hw}, not {CHALLENGE_HARDWARE}: times are not the challenge's"
              for what, hw in (("training", ev.train_hardware), ("eval", ev.eval_hardware)) if hw != CHALLENGE_HARDWARE]
     return {
         "passed": not failures, "failures": failures, "notes": notes,
+        "challenge": not failures and not off, "deviations": off,
         "code_bytes": ev.code_bytes, "model_bytes": ev.model_bytes, "total_bytes": total,
         "limit_bytes": cfg.limit_bytes, "headroom_bytes": cfg.limit_bytes - total,
         "train_seconds": round(ev.train_seconds, 3), "calibration_seconds": round(ev.calibration_seconds, 3),
@@ -77,5 +117,10 @@ def summary(report: dict) -> str:
     """The one line a run ends with."""
     total, limit = report["total_bytes"], report["limit_bytes"]
     room = f"{limit - total:,} under" if total <= limit else f"{total - limit:,} over"
-    verdict = "audit passed" if report["passed"] else "audit FAILED: " + "; ".join(f.split(":")[0] for f in report["failures"])
+    if not report["passed"]:
+        verdict = "audit FAILED: " + "; ".join(f.split(":")[0] for f in report["failures"])
+    elif report["deviations"]:
+        verdict = f"audit passed (not the challenge: {'; '.join(report['deviations'])})"
+    else:
+        verdict = "audit passed"
     return f"val_bpb {report['val_bpb']:.6f} | total {total:,} bytes ({room} {limit:,}) | {verdict}"

@@ -228,9 +228,10 @@ class AuditConfig:
 
 @dataclass
 class ExportConfig:
-    name: str = "pgolf run"
-    author: str = "<your name>"
-    github_id: str = "<your github id>"
+    # their lengths are bounded: the fit reserves room for the longest (export.widest), so no text breaks it
+    name: str = param("pgolf run", pattern=r"(?s).{1,200}")
+    author: str = param("<your name>", pattern=r"(?s).{1,100}")
+    github_id: str = param("<your github id>", pattern=r"(?s).{1,39}")
 
 
 @dataclass

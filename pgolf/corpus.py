@@ -5,6 +5,7 @@ manifest.json with each shard's token count and sha256; with CaseOps also val_by
 turns a local corpus into a FineWeb mirror, so the challenge's own path (`data.source: fineweb`) runs offline.
 """
 
+import hashlib
 import itertools
 import os
 import platform
@@ -59,11 +60,18 @@ def tokenize_documents(docs: Iterable[str], sp, out_dir: Path, val_docs: int, sh
     if case_ops:
         writers["val_bytes"] = ShardWriter(out_dir, "val_bytes", shard_tokens)
     counts = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("val", "train")}
+    val_hashes: set[bytes] = set()
+    counts["val"]["docs_in_train"] = 0  # validation documents also in the train split: the audit refuses them
     bos = sp.bos_id()
     if bos < 0:
         raise PgolfError("tokenizer has no BOS token; documents must start with BOS")
 
     def flush(split: str, batch: list[str]) -> None:
+        digests = [hashlib.sha1(d.encode()).digest() for d in batch]
+        if split == "val":
+            val_hashes.update(digests)
+        else:
+            counts["val"]["docs_in_train"] += sum(h in val_hashes for h in digests)
         texts = [caseops.encode(d) for d in batch] if case_ops else batch
         if case_ops and split == "val":
             encoded = []
@@ -182,6 +190,7 @@ def tokenize(cfg: DataConfig, out: Path) -> dict:
     sp = data.load_tokenizer(out / "tokenizer.model")
     val = data.load_val(out)
     splits["val"]["bpb_bytes"] = val.total_bytes
+    splits["val"]["sha256_tokens"] = val.sha256()
     manifest = {
         "source": source,
         "tokenizer": {"sha256": sha256_file(out / "tokenizer.model"), "vocab_size": sp.vocab_size(),

@@ -334,6 +334,10 @@ class ValSplit:
     def total_bytes(self) -> int:
         return int(self.target_bytes[1:].sum())
 
+    def sha256(self) -> str:
+        """Of the tokens as the shards hold them: what tokenize wrote and eval scored are compared by it."""
+        return hashlib.sha256(self.tokens.numpy().astype("<u2").tobytes()).hexdigest()
+
     def head(self, n_tokens: int) -> "ValSplit":
         return ValSplit(self.tokens[:n_tokens], self.target_bytes[:n_tokens])
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
+CHECKED = ARTIFACTS / "check" / "ok.json"  # written when params.yaml is valid; every stage depends on it
 TOKENIZED = ARTIFACTS / "tokenize" / "data"  # shards, tokenizer.model, manifest.json
 TRAINED = ARTIFACTS / "train" / "model"  # raw, ema [, swa] weights and the run's config
 TRAIN_PLOTS = ARTIFACTS / "train" / "plots"  # loss.tsv, val.tsv

@@ -7,13 +7,28 @@ import sys
 
 from pgolf import audit, export, paths, stage
 from pgolf.config import load_params
-from pgolf.io import read_json, write_json
+from pgolf.errors import PgolfError
+from pgolf.io import read_json, sha256_file, write_json
+
+
+def fields(path, keys: tuple[str, ...]) -> dict:
+    """The JSON at `path`, which must hold `keys` (one line naming the first missing one)."""
+    data = read_json(path)
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise PgolfError(f"{path}: no '{missing[0]}' (written by an older or interrupted stage; rerun it)")
+    return data
 
 
 def main() -> dict:
     params = load_params(choices=False)
-    m = {s: read_json(paths.metrics(s)) for s in ("train", "calibrate", "eval")}
-    run, ev = read_json(paths.TRAIN_RUN), read_json(paths.EVAL_EVIDENCE)
+    m = {"train": fields(paths.metrics("train"), ("train_seconds",)),
+         "calibrate": fields(paths.metrics("calibrate"), ("seconds", "reads_training_data")),
+         "eval": fields(paths.metrics("eval"), ("eval_seconds", "val_bpb"))}
+    run = fields(paths.TRAIN_RUN, ("gpu", "gpu_count"))
+    ev = fields(paths.EVAL_EVIDENCE, ("gpu", "gpu_count", "targets", "targets_expected", "bytes", "bytes_expected",
+                                      "val_tokens_trained_before_scored", "ttt", "inputs", "blob_sha256", "val_sha256"))
+    split = fields(paths.TOKENIZED / "manifest.json", ("splits",))["splits"]["val"]
     evidence = audit.Evidence(
         code_bytes=export.script_bytes(params), model_bytes=paths.BLOB.stat().st_size,
         train_seconds=m["train"]["train_seconds"], calibration_seconds=m["calibrate"]["seconds"],
@@ -21,7 +36,11 @@ def main() -> dict:
         train_hardware=audit.hardware(run["gpu"], run["gpu_count"]), eval_hardware=audit.hardware(ev["gpu"], ev["gpu_count"]),
         val_bpb=m["eval"]["val_bpb"], targets=ev["targets"], targets_expected=ev["targets_expected"],
         bytes=ev["bytes"], bytes_expected=ev["bytes_expected"],
-        val_tokens_trained_before_scored=ev["val_tokens_trained_before_scored"], ttt=ev["ttt"], eval_inputs=ev["inputs"])
+        val_tokens_trained_before_scored=ev["val_tokens_trained_before_scored"], ttt=ev["ttt"], eval_inputs=ev["inputs"],
+        blob_sha256=sha256_file(paths.BLOB), scored_blob_sha256=ev["blob_sha256"],
+        split_sha256=split.get("sha256_tokens", ""), scored_split_sha256=ev["val_sha256"],
+        val_docs_in_train=split.get("docs_in_train"), data_source=params.data.source,
+        val_docs=None if params.data.source == "fineweb" else params.data.val_docs)
     report = audit.check(evidence, params.audit)
     write_json(paths.AUDIT, report)
     write_json(paths.POINT, [{"total_bytes": report["total_bytes"], "val_bpb": report["val_bpb"]}])
@@ -33,7 +52,7 @@ def main() -> dict:
     if params.audit.strict and not report["passed"]:
         sys.exit(1)
     return {"total_bytes": report["total_bytes"], "headroom": report["headroom_bytes"], "code_bytes": report["code_bytes"],
-            "passed": report["passed"]}
+            "passed": report["passed"], "challenge": report["challenge"]}
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def main() -> dict | None:
     write_json(paths.EVAL_EVIDENCE, {  # what the audit checks
         "targets": s.tokens, "bytes": s.bytes, "targets_expected": val.tokens.numel() - 1,
         "bytes_expected": val.total_bytes, "gpu": runtime.gpu_name(rt.device),
-        "gpu_count": rt.world if rt.device.type == "cuda" else 0, "inputs": inputs, "mode": cfg.mode, **record})
+        "gpu_count": rt.world if rt.device.type == "cuda" else 0, "inputs": inputs, "mode": cfg.mode,
+        "blob_sha256": blob_sha, "val_sha256": val.sha256(), **record})
     return {"val_bpb": round(s.bpb, 6), "val_loss": round(s.loss, 6), "eval_seconds": round(seconds, 3),
             "load_seconds": round(load_seconds, 3),
             "val_bpb_plain": round(plain.bpb, 6), "quant_gap": round(plain.bpb - prequant, 6),

@@ -180,7 +180,9 @@ def evidence(**kw):
     base = dict(code_bytes=100_000, model_bytes=15_900_000, train_seconds=590.0, calibration_seconds=5.0,
                 calibration_reads_training_data=True, eval_seconds=300.0, train_hardware="8x NVIDIA H100",
                 eval_hardware="8x NVIDIA H100", val_bpb=1.1, targets=1000, targets_expected=1000, bytes=2400,
-                bytes_expected=2400, val_tokens_trained_before_scored=0, ttt="off", eval_inputs=["val_000000.bin"])
+                bytes_expected=2400, val_tokens_trained_before_scored=0, ttt="off", eval_inputs=["val_000000.bin"],
+                blob_sha256="ab" * 32, scored_blob_sha256="ab" * 32, split_sha256="cd" * 32, scored_split_sha256="cd" * 32,
+                val_docs_in_train=0, data_source="jsonl", val_docs=50_000)
     return audit.Evidence(**{**base, **kw})
 
 
@@ -210,6 +212,28 @@ def test_audit_refuses_incomplete_non_finite_and_illegal_scores():
     assert bad["failures"] == ["legality: eval read non-validation data: train_000000.bin"]
     assert audit.summary(audit.check(evidence(), cfg)) == \
         "val_bpb 1.100000 | total 16,000,000 bytes (0 under 16,000,000) | audit passed"
+
+
+def test_audit_passed_certifies_the_challenge_and_names_every_deviation():
+    """The attacker's table: a 50 MB limit, a one-document split, validation documents in train, a blob other than the
+    one scored all passed before."""
+    cfg = AuditConfig()
+    assert audit.check(evidence(), cfg)["challenge"]
+    loose = audit.check(evidence(model_bytes=16_800_000), AuditConfig(limit_bytes=50_000_000, eval_budget_s=900))
+    assert loose["passed"] and not loose["challenge"]
+    assert audit.summary(loose).endswith("| audit passed (not the challenge: limit 50,000,000 bytes; budgets 600 s "
+                                         "train / 900 s eval)")
+    partial = audit.check(evidence(val_docs=1), cfg)
+    assert partial["deviations"] == ["a validation split of 1 documents, not 50,000"] and not partial["challenge"]
+    assert audit.check(evidence(data_source="builtin", val_docs=16), cfg)["deviations"] == ["the built-in demo corpus"]
+    assert audit.check(evidence(data_source="fineweb", val_docs=None), cfg)["challenge"]
+    for kw, failure in [({"val_docs_in_train": 3}, "legality: 3 validation documents also appear in the training split"),
+                        ({"scored_blob_sha256": "ef" * 32}, "integrity: the blob sized (sha256 abababababab) is not the "
+                                                            "blob eval scored (efefefefefef); rerun eval"),
+                        ({"scored_split_sha256": "00" * 32}, "coverage: eval scored validation tokens (sha256 "
+                                                             "000000000000) other than the split tokenize wrote")]:
+        report = audit.check(evidence(**kw), cfg)
+        assert not report["passed"] and not report["challenge"] and report["failures"][0].startswith(failure)
 
 
 def test_eval_refuses_a_blob_whose_sha_differs(tmp_path):

@@ -11,11 +11,12 @@ import sys
 import sysconfig
 
 import pytest
-from conftest import run
+from conftest import ROOT, run
 from test_reliability import stage_dir
 
 from pgolf import export
-from pgolf.config import load_params
+from pgolf.config import check_fields, load_params
+from pgolf.errors import PgolfError
 from pgolf.io import MARKER
 
 # Runs train_gpt.py under `python -S` with only the installed packages on the path: none of the .pth files that make
@@ -119,3 +120,26 @@ def test_pgolf_export_replaces_its_own_earlier_export(exported, tmp_path):
         p = run(["pgolf", "export", "--out", str(out)], exported)
         assert "train_gpt.py" in p.stdout
     assert (out / MARKER).read_text() == "export\n" and (out / "final_model.blob").is_file()
+
+
+def test_no_export_text_can_push_a_tight_fit_over_the_limit():
+    """The attack: a longer export.name after a tight fit failed the audit by 1,974 bytes. The fit's target now
+    reserves the longest, least compressible texts the params allow, so it does not move with them, and no allowed
+    text makes a train_gpt.py larger than the reserve by more than compression noise (target_margin: 2,000)."""
+    import dataclasses
+    import random
+
+    from pgolf.config import ExportConfig
+
+    params = load_params(ROOT / "params.yaml")
+    reserved = export.script_bytes(export.widest(params))
+    rng = random.Random(1)
+    alphabets = {"ascii": (33, 127), "cjk": (0x4E00, 0xA000), "astral": (0x10000, 0x110000)}
+    for name, (lo, hi) in alphabets.items():
+        text = lambda n: "".join(chr(rng.randrange(lo, hi)) for _ in range(n))  # noqa: E731
+        texts = dataclasses.replace(params, export=ExportConfig(name=text(200), author=text(100), github_id=text(39)))
+        assert export.model_budget(texts) == export.model_budget(params)
+        assert export.script_bytes(texts) <= reserved + 100 < reserved + params.quant.target_margin, name
+    assert export.script_bytes(params) < reserved
+    with pytest.raises(PgolfError, match=r"export.name: 'x{201}'; expected a value matching"):
+        check_fields(dataclasses.replace(params, export=ExportConfig(name="x" * 201)))

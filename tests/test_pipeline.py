@@ -132,3 +132,29 @@ def readme_command(prefix: str) -> str:
 
 def shell_env(**extra) -> dict:
     return {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra}
+
+
+def test_train_restores_from_the_run_cache_and_every_stage_checks_the_whole_params_file(tmp_path):
+    """The attack's table: `rm -rf artifacts/train/model && dvc repro train` retrained (outputs with cache: false turn
+    DVC's run cache off), and a misspelled section went unnoticed by `dvc repro train` (the check stage was upstream
+    of nothing)."""
+    import shutil
+
+    import yaml
+
+    repo = pipeline_repo(tmp_path, FAST_PIPELINE)
+    run(["dvc", "repro", "train"], repo)
+    model = repo / "artifacts" / "train" / "model" / "ema.safetensors"
+    before = sha256_file(model)
+    shutil.rmtree(model.parent)
+    out = run(["dvc", "repro", "train"], repo).stdout
+    assert "Stage 'train' is cached - skipping run" in out and "step " not in out, out
+    assert sha256_file(model) == before
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["eval"]["stride"] = 64  # valid, and no business of train's
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run(["dvc", "repro", "train"], repo).stdout
+    assert "Stage 'train' didn't change, skipping" in out
+    (repo / "params.yaml").write_text(yaml.safe_dump(params | {"evla": {"stride": 64}}))
+    p = run(["dvc", "repro", "train"], repo, check=False)
+    assert p.returncode != 0 and "error: check: params.yaml: unknown param 'evla'; did you mean 'eval'?" in p.stderr

@@ -413,4 +413,4 @@ def test_the_pgolf_command_helps_and_names_misspelled_keys(tmp_path):
                                                      "did you mean 'quant.method'?")
     assert run(pgolf + ["check", "--key", "quant.bits.mlp"], tmp_path).stdout.startswith("params.yaml: valid")
     p = run(pgolf + ["compare", str(tmp_path / "missing.json")], tmp_path, check=False)
-    assert p.returncode == 1 and "missing.json: not the JSON `dvc exp show --json` writes" in p.stderr
+    assert p.returncode == 1 and "missing.json: file not found (save one with `dvc exp show --json >" in p.stderr
