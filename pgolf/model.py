@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_qk
+from . import fused_ce, fused_qk
 from .attention import DocMask, attention, document_mask
 from .config import ModelConfig
 from .registry import Registry
@@ -355,7 +355,12 @@ class GPT(nn.Module):
         return logits / temperature if temperature != 1.0 else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, doc_mask: bool | DocMask = False) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats)."""
+        """Mean next-token cross-entropy (nats); softcapped, in one fused kernel where Triton runs (fused_ce)."""
+        if self.cfg.logit_softcap and fused_ce.usable(idx):
+            h = self.hidden(idx, doc_mask)
+            raw = F.linear(h, self.head_weight().to(h.dtype))
+            return fused_ce.softcapped_cross_entropy(raw.view(-1, raw.size(-1)), targets.reshape(-1),
+                                                     self.cfg.logit_softcap).mean()
         logits = self.logits(idx, doc_mask=doc_mask)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 

@@ -1,0 +1,69 @@
+"""The fused softcapped cross-entropy, run by Triton's interpreter on the CPU, against the model's eager path."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from conftest import tiny_model
+    from pgolf import fused_ce
+    from pgolf.model import GPT
+
+    torch.manual_seed(0)
+    # rows of a vocabulary that is no multiple of the block (and one that spans several), large logits near the cap
+    for N, V, softcap, scale in [(7, 320, 30.0, 1.0), (5, 2500, 15.0, 40.0), (3, 8192, 30.0, 10.0)]:
+        raw = (scale * torch.randn(N, V)).requires_grad_()
+        targets = torch.randint(0, V, (N,))
+        fused = fused_ce.softcapped_cross_entropy(raw, targets, softcap)
+        eager = F.cross_entropy(softcap * torch.tanh(raw / softcap), targets, reduction="none")
+        w = torch.rand(N)
+        g_fused, = torch.autograd.grad((fused * w).sum(), raw)
+        g_eager, = torch.autograd.grad((eager * w).sum(), raw)
+        torch.testing.assert_close(fused, eager, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(g_fused, g_eager, atol=1e-6, rtol=1e-4)
+        assert g_fused.abs().max() > 1e-3
+
+    # the model's training loss and every gradient, fused and eager
+    model = GPT(tiny_model(logit_softcap=20.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    idx = torch.randint(0, 320, (2, 24))
+    results = []
+    for enabled in (True, False):
+        fused_ce.enabled = enabled
+        model.zero_grad()
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for g_fused, g_eager in zip(*(r[1] for r in results)):
+        torch.testing.assert_close(g_fused, g_eager, atol=2e-6, rtol=1e-4)
+    print("fused softcapped cross-entropy matches the eager path")
+""")
+
+
+def test_fused_softcapped_ce_matches_the_eager_path_in_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    p = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "fused softcapped cross-entropy matches the eager path" in p.stdout
+
+
+def test_the_fused_loss_is_off_on_cpu_without_the_interpreter():
+    import torch
+
+    from pgolf import fused_ce
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter is on in this process")
+    assert not fused_ce.usable(torch.zeros(2, 8))
