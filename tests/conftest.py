@@ -77,9 +77,9 @@ def pipeline_repo(tmp: Path, params_patch: dict) -> Path:
     return repo
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **env_extra}
     env.pop("PYTHONPATH", None)
     if cmd[0] == "dvc":
         cmd = [os.path.join(bindir, "dvc"), *cmd[1:]]
