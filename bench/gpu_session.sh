@@ -47,7 +47,7 @@ yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 git add -A >/dev/null && git commit -qm "$PRESET on the docs corpus" >/dev/null
 t0=$(date +%s)
-dvc repro 2>&1 | grep -v "it/s]\|win/s]\|batch/s]" | tee "$OUT/repro.log" | grep -v "^step [0-9]*[1-9][0-9] \|^WARNING"
+dvc repro 2>&1 | grep -v "it/s]\|win/s]\|batch/s]" | tee "$OUT/repro.log" | grep -v "^step [0-9]*[1-9][0-9]/\|^WARNING"
 echo "dvc repro took $(( $(date +%s) - t0 ))s"
 for s in tokenize train ema calibrate quantize compress eval audit; do
   printf '%-9s ' "$s"; python3 -c "import json,sys; m=json.load(open('artifacts/$s/metrics.json')); m.pop('k', None); print(json.dumps(m))" 2>/dev/null || echo "-"

@@ -105,6 +105,7 @@ def check(ev: Evidence, cfg: AuditConfig) -> dict:
         "train_seconds_counted": round(train_total, 3), "train_budget_s": cfg.train_budget_s,
         "eval_seconds": round(ev.eval_seconds, 3), "eval_budget_s": cfg.eval_budget_s,
         "train_hardware": ev.train_hardware, "eval_hardware": ev.eval_hardware, "val_bpb": ev.val_bpb,
+        "blob_sha256": ev.blob_sha256,
         "ttt": ev.ttt, "val_tokens_trained_before_scored": ev.val_tokens_trained_before_scored,
     }
 

@@ -27,7 +27,7 @@ def rows(show: list[dict]) -> list[dict]:
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
         quant = params.get("quant", {})
         bits = quant.get("bits", {})
-        row = {"name": name, "method": quant.get("method"),
+        row = {"name": name, "method": quant.get("method"), "lqer": quant.get("lqer_rank"),
                "bits": "/".join(str(bits.get(g, "?")) for g in ("attn", "mlp", "embed", "other")),
                "error": None}
         error = rev.get("error") or data.get("error")
@@ -53,16 +53,17 @@ def rows(show: list[dict]) -> list[dict]:
     return unique
 
 
-COLUMNS = ("experiment", "val_bpb", "quant_gap", "total bytes", "headroom", "method", "bits a/m/e/o", "audit")
+COLUMNS = ("experiment", "val_bpb", "quant_gap", "total bytes", "headroom", "method", "bits a/m/e/o", "lqer", "audit")
 
 
 def _cells(r: dict) -> list[str]:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     if r["error"] and "val_bpb" not in r:
-        return [str(r["name"]), "-", "-", "-", "-", str(r["method"]), r["bits"], f"FAILED: {r['error']}"]
+        return [str(r["name"]), "-", "-", "-", "-", str(r["method"]), r["bits"], fmt(r["lqer"], "d"),
+                f"FAILED: {r['error']}"]
     audit = "pass" if r.get("passed") else "FAILED" if r.get("passed") is False else "-"
     return [str(r["name"]), f"{r['val_bpb']:.5f}", fmt(r["quant_gap"], "+.5f"), fmt(r["total_bytes"], ","),
-            fmt(r["headroom"], ","), str(r["method"]), r["bits"], audit]
+            fmt(r["headroom"], ","), str(r["method"]), r["bits"], fmt(r["lqer"], "d"), audit]
 
 
 def markdown(table: list[dict]) -> str:

@@ -414,8 +414,12 @@ def load_params(path: str | Path = "params.yaml", choices: bool = True) -> Param
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise PgolfError(f"{path}: file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise PgolfError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise PgolfError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise PgolfError(f"{path}: not valid YAML (not UTF-8 text)") from None
     if not isinstance(raw, dict):
         raise PgolfError(f"{path}: expected a mapping of sections")
     try:

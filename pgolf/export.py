@@ -11,6 +11,7 @@ Its size is the run's code bytes: the audit counts it, and quantize fits the mod
 import base64
 import dataclasses
 import datetime
+import hashlib
 import json
 import lzma
 import random
@@ -22,7 +23,7 @@ from pathlib import Path
 from . import config, deps, paths
 from .config import ExportConfig, Params
 from .errors import PgolfError
-from .io import atomic_dir, read_json
+from .io import atomic_dir, read_json, sha256_file
 
 ENTRY = "pgolf.submission"
 LAUNCHER = '''\
@@ -151,9 +152,11 @@ def readme(params: Params, sub: dict, metrics: dict[str, dict], audit: dict) -> 
                        ("eval seconds", ev["eval_seconds"]), ("audit", audit_verdict(audit))]:
         lines.append(f"| {key} | {value} |")
     lines += ["", "## Techniques", ""] + [f"- {t}" for t in techniques(params)]
+    data = paths.TOKENIZED.resolve()
     lines += ["", "## Run", "", "```bash", "torchrun --standalone --nproc_per_node=8 train_gpt.py", "```", "",
               "Data in the challenge's layout (`data/cached_challenge_fineweb.py`), or `DATA_PATH` / `TOKENIZER_PATH`. "
-              "`python train_gpt.py eval final_model.blob` scores the included blob.", "",
+              "This run's own data, tokenized by its pipeline, scores the included blob:", "",
+              "```bash", f"DATA_PATH={data} python train_gpt.py eval final_model.blob", "```", "",
               "## Params", "", "```json", json.dumps(dataclasses.asdict(params), indent=1, sort_keys=True), "```", ""]
     if audit["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in audit["notes"]] + [""]
@@ -161,8 +164,15 @@ def readme(params: Params, sub: dict, metrics: dict[str, dict], audit: dict) -> 
 
 
 def write(out: Path, params: Params, metrics: dict[str, dict], audit: dict, blob: Path, logs: list[Path]) -> None:
-    """Fill `out` with the submission folder: train_gpt.py, the blob, submission.json, README.md and the logs."""
-    (out / "train_gpt.py").write_bytes(script(params))
+    """Fill `out` with the submission folder: train_gpt.py, the blob, submission.json, README.md and the logs. Only
+    the script and the blob the audit counted are written: otherwise the folder would describe another run."""
+    code = script(params)
+    if hashlib.sha256(code).hexdigest() != audit.get("code_sha256"):
+        raise PgolfError(f"{paths.AUDIT}: counted another train_gpt.py than these params make (params.yaml changed "
+                         f"since; `dvc status` shows what): run dvc repro, then export")
+    if sha256_file(blob) != audit.get("blob_sha256"):
+        raise PgolfError(f"{blob}: not the blob the audit sized and eval scored (run dvc repro, then export)")
+    (out / "train_gpt.py").write_bytes(code)
     shutil.copyfile(blob, out / "final_model.blob")
     sub = submission_json(params, metrics, audit)
     (out / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")

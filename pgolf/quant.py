@@ -644,6 +644,10 @@ def error_metrics(result: QuantResult) -> dict:
 def load_inputs(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str], dict]:
     """The picked weights, the Hessians, which Hessian each weight uses, and the model meta the blob carries."""
     state, meta = load_tensors(paths.PICKED, device)
+    broken = next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:  # before the Hessians, which such weights make non-finite too
+        raise PgolfError(f"{paths.PICKED}: weight {broken} is not finite (training diverged? lower train.*_lr and "
+                         f"rerun train)")
     hessians, hmeta = load_tensors(paths.HESSIANS, device)
     return state, hessians, hmeta.get("shared", {}), {k: meta[k] for k in ("config", "passes")}
 

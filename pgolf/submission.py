@@ -36,6 +36,9 @@ def params_from(raw: dict) -> Params:
 def data_paths(params: Params) -> tuple[Path, Path]:
     variant = params.data.fineweb_variant
     data = Path(os.environ.get("DATA_PATH", f"./data/datasets/fineweb10B_{variant}"))
+    if not shard_paths(data, "val", required=False):
+        where = "DATA_PATH" if "DATA_PATH" in os.environ else "the default path; DATA_PATH sets another"
+        raise PgolfError(f"{data}: no val_*.bin shards found ({where}; the exported README gives this run's)")
     local = data / "tokenizer.model"
     default = local if local.is_file() else Path(f"./data/tokenizers/fineweb_{params.model.vocab_size}_bpe.model")
     return data, Path(os.environ.get("TOKENIZER_PATH", default))

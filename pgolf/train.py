@@ -260,8 +260,13 @@ class Trainer:
         value = float(loss.item())
         self.losses.append((self.step, value))
         if self.rt.master:
-            self.log(f"step {self.step} loss {value:.4f} lr_scale {scale:.3f} {step_seconds * 1000:.1f} ms/step "
-                     f"{self.cfg.batch_tokens / step_seconds / 1e6:.3f} M tok/s elapsed {self.train_seconds:.1f}s")
+            cfg = self.cfg
+            left = (cfg.iterations - self.step) * step_seconds
+            if cfg.max_seconds > 0:
+                left = min(left, max(self._cap() - self.train_seconds, 0.0))
+            self.log(f"step {self.step}/{cfg.iterations} loss {value:.4f} lr_scale {scale:.3f} "
+                     f"{step_seconds * 1000:.1f} ms/step {cfg.batch_tokens / step_seconds / 1e6:.3f} M tok/s "
+                     f"elapsed {self.train_seconds:.1f}s eta {left:.0f}s")
 
     def validate(self) -> None:
         """Val bpb of the weights as saved (QAT's fake quantization off), with the passes now running."""

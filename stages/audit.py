@@ -3,6 +3,7 @@
 The code bytes are those of the train_gpt.py the export stage writes for this run (the same function counts them).
 """
 
+import hashlib
 import sys
 
 from pgolf import audit, export, paths, stage
@@ -29,8 +30,9 @@ def main() -> dict:
     ev = fields(paths.EVAL_EVIDENCE, ("gpu", "gpu_count", "targets", "targets_expected", "bytes", "bytes_expected",
                                       "val_tokens_trained_before_scored", "ttt", "inputs", "blob_sha256", "val_sha256"))
     split = fields(paths.TOKENIZED / "manifest.json", ("splits",))["splits"]["val"]
+    code = export.script(params)
     evidence = audit.Evidence(
-        code_bytes=export.script_bytes(params), model_bytes=paths.BLOB.stat().st_size,
+        code_bytes=len(code), model_bytes=paths.BLOB.stat().st_size,
         train_seconds=m["train"]["train_seconds"], calibration_seconds=m["calibrate"]["seconds"],
         calibration_reads_training_data=m["calibrate"]["reads_training_data"], eval_seconds=m["eval"]["eval_seconds"],
         train_hardware=audit.hardware(run["gpu"], run["gpu_count"]), eval_hardware=audit.hardware(ev["gpu"], ev["gpu_count"]),
@@ -41,7 +43,7 @@ def main() -> dict:
         split_sha256=split.get("sha256_tokens", ""), scored_split_sha256=ev["val_sha256"],
         val_docs_in_train=split.get("docs_in_train"), data_source=params.data.source,
         val_docs=None if params.data.source == "fineweb" else params.data.val_docs)
-    report = audit.check(evidence, params.audit)
+    report = audit.check(evidence, params.audit) | {"code_sha256": hashlib.sha256(code).hexdigest()}
     write_json(paths.AUDIT, report)
     write_json(paths.POINT, [{"total_bytes": report["total_bytes"], "val_bpb": report["val_bpb"]}])
     for line in report["failures"]:

@@ -4,14 +4,20 @@ import torch
 
 from pgolf import export, pack, paths, quant, stage
 from pgolf.config import load_params
+from pgolf.errors import PgolfError
 
 
 def main() -> dict:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
+    budget = export.model_budget(params)
+    if budget is not None and budget <= 0:  # before an 11 s search could call it unreachable
+        code = params.audit.limit_bytes - budget - params.quant.target_margin
+        raise PgolfError(f"audit.limit_bytes: {params.audit.limit_bytes:,} leaves no room for the model: train_gpt.py "
+                         f"takes up to {code:,} bytes, plus quant.target_margin {params.quant.target_margin:,}")
     sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
-    result, metrics = quant.quantize(state, hessians, shared, params.quant, export.model_budget(params), sizer)
+    result, metrics = quant.quantize(state, hessians, shared, params.quant, budget, sizer)
     quant.save_quantized(paths.QUANTIZED, result, model_meta | {"plan": sizer.plan})
     return metrics | {f"codec_{k}_seconds": round(v, 3) for k, v in sizer.seconds.items()}
 

@@ -237,3 +237,35 @@ def test_a_manifest_of_the_wrong_shape_or_a_path_out_of_the_mirror_is_one_line(t
     write_shard(tmp_path / "mirror/datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin", np.arange(300))
     with pytest.raises(PgolfError, match=r"secret.model: lies outside the mirror"):
         fineweb.fetch("r", "sp1024", 1, mirror=str(tmp_path / "mirror"))
+
+
+def test_quantize_names_the_real_cause_nan_weights_or_a_limit_below_the_script(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+    from conftest import run
+    from test_reliability import stage_dir
+
+    from pgolf.checkpoint import load_tensors, save_tensors
+
+    d = stage_dir(tmp_path, "q", {"iterations": 4})
+    for stage in ("train", "ema", "calibrate"):
+        run([sys.executable, "-m", f"stages.{stage}"], d)
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["audit"]["limit_bytes"] = 16_000
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    p = subprocess.run([sys.executable, "-m", "stages.quantize"], cwd=d, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip().startswith(
+        "error: quantize: audit.limit_bytes: 16,000 leaves no room for the model: train_gpt.py takes up to "), p.stderr
+    params["audit"]["limit_bytes"] = 16_000_000
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    picked = d / "artifacts/ema/model.safetensors"
+    state, meta = load_tensors(picked)
+    state["blocks.1.mlp.fc.weight"][3, 5] = float("nan")
+    save_tensors(picked, state, meta)
+    p = subprocess.run([sys.executable, "-m", "stages.quantize"], cwd=d, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        "error: quantize: artifacts/ema/model.safetensors: weight blocks.1.mlp.fc.weight is not finite (training "
+        "diverged? lower train.*_lr and rerun train)"), p.stderr

@@ -143,3 +143,37 @@ def test_no_export_text_can_push_a_tight_fit_over_the_limit():
     assert export.script_bytes(params) < reserved
     with pytest.raises(PgolfError, match=r"export.name: 'x{201}'; expected a value matching"):
         check_fields(dataclasses.replace(params, export=ExportConfig(name="x" * 201)))
+
+
+def test_an_export_of_artifacts_older_than_the_params_is_refused(exported, tmp_path):
+    """The new user's stale export: after params changed, export wrote a submission.json and README describing a run
+    other than the blob's. It now writes only the script and blob the audit counted."""
+    import yaml
+
+    stale = tmp_path / "stale"
+    shutil.copytree(exported, stale, ignore=shutil.ignore_patterns("export"))
+    params = yaml.safe_load((stale / "params.yaml").read_text())
+    params["quant"]["target_bytes"] = 1000
+    (stale / "params.yaml").write_text(yaml.safe_dump(params))
+    p = run(["pgolf", "export", "--out", "sub"], stale, check=False)
+    assert p.returncode == 1 and not (stale / "sub").exists()
+    assert p.stderr.strip() == ("error: pgolf export: artifacts/audit/audit.json: counted another train_gpt.py than "
+                                "these params make (params.yaml changed since; `dvc status` shows what): run dvc repro, "
+                                "then export")
+    (stale / "params.yaml").write_text((exported / "params.yaml").read_text())
+    (stale / "artifacts/compress/model.blob").write_bytes(b"another blob")
+    p = run(["pgolf", "export", "--out", "sub"], stale, check=False)
+    assert p.returncode == 1 and "model.blob: not the blob the audit sized and eval scored" in p.stderr
+
+
+def test_the_exported_eval_names_the_data_path_it_looked_at(exported, tmp_path):
+    shutil.copytree(exported / "artifacts" / "export", tmp_path / "sub")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATA_PATH")}
+    p = subprocess.run([sys.executable, "-S", "-c", ISOLATED, "eval", "final_model.blob"], cwd=tmp_path / "sub",
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        "error: data/datasets/fineweb10B_sp1024: no val_*.bin shards found (the default path; DATA_PATH sets another; "
+        "the exported README gives this run's)")
+    readme = (tmp_path / "sub" / "README.md").read_text()
+    command = re.search(r"^DATA_PATH=(\S+) python train_gpt.py eval final_model.blob$", readme, re.M)
+    assert command and command[1] == str((exported / "artifacts/tokenize/data").resolve())

@@ -185,6 +185,7 @@ BAD_PARAMS = [  # (params.yaml text or a change to the demo's, the one line expe
     ("train:\n  iterations: many\n", r"params.yaml: train.iterations: expected int, got 'many'"),
     ("quant:\n  bits: {attn: 6, mpl: 6}\n", r"unknown param 'quant.bits.mpl'; did you mean 'quant.bits.mlp'\?"),
     ("data: [1, 2]\n", r"data: expected a mapping"),
+    ("train:\n  iterations: 5\n   seq_len: 4\n", r"params.yaml:3:11: not valid YAML \(mapping values are not allowed here\)"),
     ({"eval": {"stride": -5}}, r"params.yaml: eval.stride: -5; expected >= 0"),
     ({"eval": {"stride": 4096}}, r"params.yaml: eval.stride: 4096 > eval.seq_len 128"),
     ({"eval": {"temperature": 0}}, r"params.yaml: eval.temperature: 0.0; expected > 0"),
