@@ -269,3 +269,54 @@ def test_quantize_names_the_real_cause_nan_weights_or_a_limit_below_the_script(t
     assert p.returncode == 1 and p.stderr.strip() == (
         "error: quantize: artifacts/ema/model.safetensors: weight blocks.1.mlp.fc.weight is not finite (training "
         "diverged? lower train.*_lr and rerun train)"), p.stderr
+
+
+def test_an_evidence_file_missing_a_key_is_one_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import shutil
+
+    from conftest import ROOT
+
+    d = tmp_path / "run"
+
+    shutil.copytree(ROOT / "pgolf", d / "pgolf")
+    shutil.copytree(ROOT / "stages", d / "stages")
+    shutil.copy(ROOT / "params.yaml", d / "params.yaml")
+    for stage, content in (("train", {"train_seconds": 1.0}), ("calibrate", {"seconds": 0.1, "reads_training_data": True}),
+                           ("eval", {"eval_seconds": 1.0, "val_bpb": 2.0})):
+        (d / "artifacts" / stage).mkdir(parents=True)
+        (d / "artifacts" / stage / "metrics.json").write_text(json.dumps(content))
+    (d / "artifacts/train/run.json").write_text(json.dumps({"gpu": "cpu", "gpu_count": 0}))
+    (d / "artifacts/eval/evidence.json").write_text(json.dumps({"gpu": "cpu", "gpu_count": 0, "targets": 1}))
+    p = subprocess.run([sys.executable, "-m", "stages.audit"], cwd=d, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip() == ("error: audit: artifacts/eval/evidence.json: no 'targets_expected' "
+                                                      "(written by an older or interrupted stage; rerun it)"), p.stderr
+
+
+def test_a_sigterm_during_pgolf_mirror_leaves_no_temporary_and_no_traceback(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import make_docs
+
+    (tmp_path / "corpus").mkdir()
+    for i, doc in enumerate(make_docs(300, seed=2) * 20):
+        (tmp_path / "corpus" / f"{i:05d}.txt").write_text(doc)
+    p = subprocess.Popen([sys.executable, "-m", "pgolf.cli", "mirror", str(tmp_path / "corpus"), "--out",
+                          str(tmp_path / "m"), "--vocab", "300", "--val-docs", "5"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".m.*.tmp")) and time.time() < deadline:
+        time.sleep(0.01)
+    assert list(tmp_path.glob(".m.*.tmp")), "the mirror's temporary never appeared"
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # a second one, during the cleanup
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and err.strip() == "error: pgolf mirror: interrupted", err
+    assert not list(tmp_path.glob(".m.*")) and not (tmp_path / "m").exists()
