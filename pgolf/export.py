@@ -90,7 +90,10 @@ def model_budget(params: Params) -> int | None:
 TECHNIQUES = [  # (what is on, how to say it)
     (lambda p: p.model.recur_start >= 0, lambda p: f"depth recurrence: layers {p.model.recur_start}-{p.model.recur_end} "
                                                    f"run {1 + p.model.recur_loops}x"),
-    (lambda p: p.model.parallel_from >= 0, lambda p: f"parallel residuals from layer {p.model.parallel_from}"),
+    (lambda p: p.model.parallel_from >= 0, lambda p: f"parallel residuals from layer {p.model.parallel_from}"
+                                                     + (" in two lanes" if p.model.parallel_lanes == 2 else "")),
+    (lambda p: p.train.doc_mask or p.eval.doc_mask, lambda p: "attention inside documents ("
+     + ", ".join(w for w, on in (("training", p.train.doc_mask), ("eval", p.eval.doc_mask)) if on) + ")"),
     (lambda p: p.model.unet_skips, lambda p: "U-Net skips" + (" with sigmoid gates" if p.model.skip_gates else "")),
     (lambda p: p.model.xsa_last > 0, lambda p: f"XSA on the last {p.model.xsa_last} layers"),
     (lambda p: p.model.sparse_gate, lambda p: f"SparseAttnGate (window {p.model.gate_window})"),
