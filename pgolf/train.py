@@ -21,10 +21,10 @@ import torch
 
 from . import optim
 from .checkpoint import load_tensors, save_tensors
+from .attention import document_mask
 from .config import ModelConfig, TrainConfig
 from .data import TrainLoader, shard_paths
 from .errors import PgolfError
-from .attention import document_mask
 from .model import GPT, autocast
 from .runtime import Runtime, all_max, gpu_name
 

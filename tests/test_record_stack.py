@@ -164,3 +164,24 @@ def test_random_calibration_windows_are_random_and_reproducible():
                                                                               seq_len=128, seed=4)), a)
     stream = calibrate.stream_windows(shards, CalibrateConfig(num_seqs=4, seq_len=128))
     assert stream[0, 0] == 0 and (stream.reshape(-1) == np.arange(512)).all()
+
+
+def test_document_masked_scoring_scores_every_target_once_each_from_its_own_bos():
+    """eval.doc_mask: sliding windows still score every target exactly once (the Scorer's ledger checks it), and a
+    document shorter than the windows' guaranteed context is scored as if it were alone."""
+    from pgolf.data import ValSplit
+    from pgolf.score import score
+
+    model = randomized(tiny_model(**RECORD_LIKE))
+    docs = packed_documents([9, 14, 5, 11, 13, 7, 12, 10], seed=3)
+    tokens = torch.cat(docs)
+    val = ValSplit(tokens, torch.ones_like(tokens))
+    masked = score(model, val, seq_len=32, stride=8, doc_mask=True)
+    plain = score(model, val, seq_len=32, stride=8)
+    with torch.no_grad():
+        alone = sum(model.token_nll(d[None, :-1], d[None, 1:]).sum().item() for d in docs)
+        # the next document's BOS as a target is predicted from this document's last token, in this document's context
+        bos_targets = sum(model.token_nll(a[None], torch.cat([a[1:], b[:1]])[None])[0, -1].item()
+                          for a, b in zip(docs, docs[1:]))
+    assert masked.tokens == plain.tokens == tokens.numel() - 1
+    assert abs(masked.nll_sum - (alone + bos_targets)) < 1e-3 and abs(plain.nll_sum - masked.nll_sum) > 1e-2
