@@ -99,3 +99,12 @@ FAST_PIPELINE = {
               "warmup_steps": 2, "checkpoint_every_s": 0, "val_every": 6},
     "calibrate": {"num_seqs": 16},
 }
+
+
+def in_triton_interpreter(script: str) -> str:
+    """Run `script` in a new interpreter with TRITON_INTERPRET=1 (Triton reads it once, when it is imported), the
+    Triton kernels on the CPU; returns its output, failing the test with its end where it fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout

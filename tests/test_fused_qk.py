@@ -1,18 +1,13 @@
 """The fused q/k Triton kernels, run by Triton's interpreter on the CPU, against model.py's torch path."""
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import in_triton_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# A separate interpreter: TRITON_INTERPRET must be set before triton is imported.
 SCRIPT = textwrap.dedent("""
     import sys
 
@@ -69,10 +64,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_fused_qk_kernels_match_the_torch_path_in_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    p = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "fused q/k kernels match the torch path" in p.stdout
+    assert "fused q/k kernels match the torch path" in in_triton_interpreter(SCRIPT)
 
 
 def test_fused_path_is_off_on_cpu_without_the_interpreter():
