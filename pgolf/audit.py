@@ -114,14 +114,16 @@ def hardware(gpu: str, count: int) -> str:
     return f"{count}x {gpu}" if count else "cpu"
 
 
+def verdict(report: dict) -> str:
+    """`passed`, `passed (not the challenge: ...)` or `FAILED: ` and what failed."""
+    if not report["passed"]:
+        return "FAILED: " + "; ".join(f.split(":")[0] for f in report["failures"])
+    off = report.get("deviations")
+    return f"passed (not the challenge: {'; '.join(off)})" if off else "passed"
+
+
 def summary(report: dict) -> str:
     """The one line a run ends with."""
     total, limit = report["total_bytes"], report["limit_bytes"]
     room = f"{limit - total:,} under" if total <= limit else f"{total - limit:,} over"
-    if not report["passed"]:
-        verdict = "audit FAILED: " + "; ".join(f.split(":")[0] for f in report["failures"])
-    elif report["deviations"]:
-        verdict = f"audit passed (not the challenge: {'; '.join(report['deviations'])})"
-    else:
-        verdict = "audit passed"
-    return f"val_bpb {report['val_bpb']:.6f} | total {total:,} bytes ({room} {limit:,}) | {verdict}"
+    return f"val_bpb {report['val_bpb']:.6f} | total {total:,} bytes ({room} {limit:,}) | audit {verdict(report)}"

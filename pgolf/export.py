@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from . import config, deps, paths
+from .audit import verdict
 from .config import ExportConfig, Params
 from .errors import PgolfError
 from .io import atomic_dir, read_json, sha256_file
@@ -135,13 +136,6 @@ def submission_json(params: Params, metrics: dict[str, dict], audit: dict) -> di
     }
 
 
-def audit_verdict(audit: dict) -> str:
-    if not audit["passed"]:
-        return "FAILED"
-    off = audit.get("deviations")
-    return f"passed (not the challenge: {'; '.join(off)})" if off else "passed"
-
-
 def readme(params: Params, sub: dict, metrics: dict[str, dict], audit: dict) -> str:
     ev = metrics["eval"]
     lines = [f"# {sub['name']}", "",
@@ -152,7 +146,7 @@ def readme(params: Params, sub: dict, metrics: dict[str, dict], audit: dict) -> 
                        ("val_loss", ev["val_loss"]), ("quant gap", ev.get("quant_gap")),
                        ("steps", metrics["train"]["steps"]), ("train seconds", metrics["train"]["train_seconds"]),
                        ("calibration seconds", metrics["calibrate"]["seconds"]),
-                       ("eval seconds", ev["eval_seconds"]), ("audit", audit_verdict(audit))]:
+                       ("eval seconds", ev["eval_seconds"]), ("audit", verdict(audit))]:
         lines.append(f"| {key} | {value} |")
     lines += ["", "## Techniques", ""] + [f"- {t}" for t in techniques(params)]
     data = paths.TOKENIZED.resolve()

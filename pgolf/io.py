@@ -59,8 +59,10 @@ def check_replaceable(path: str | os.PathLike, kind: str) -> None:
     if not path.is_dir():
         raise PgolfError(f"{path}: is a file; pgolf writes its {kind} output as a folder there (name a new folder)")
     marker = path / MARKER
-    if marker.is_file() and not marker.is_symlink() and marker.open("rb").read(256).strip() == kind.encode():
-        return
+    if marker.is_file() and not marker.is_symlink():
+        with marker.open("rb") as f:
+            if f.read(256).strip() == kind.encode():
+                return
     if any(path.iterdir()):
         raise PgolfError(f"{path}: a folder pgolf did not write as {kind} output (no {MARKER} marker of that kind); "
                          "pgolf replaces only its own output: name a new or empty folder")

@@ -108,3 +108,23 @@ def in_triton_interpreter(script: str) -> str:
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
+
+
+def fused_against_eager(model, module, scale: float, atol: float) -> list[torch.Tensor]:
+    """The model's training loss and every gradient with `module`'s fused kernels on and off, on perturbed weights
+    (scale) and random tokens; asserts they agree (loss to 1e-5, gradients to atol) and returns the fused gradients."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    results = []
+    for enabled in (True, False):
+        module.enabled = enabled
+        model.zero_grad()
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for g_fused, g_eager in zip(*(r[1] for r in results)):
+        torch.testing.assert_close(g_fused, g_eager, atol=atol, rtol=1e-4)
+    return results[0][1]
