@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -57,12 +58,16 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
     data, tok = dataset(mirror)
     env = {**os.environ, **RECORD_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "ITERATIONS": str(steps),
            "TRAIN_BATCH_TOKENS": str(batch_tokens), "TRAIN_LOG_EVERY": str(LOG_EVERY), "SEED": str(seed),
-           "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1",
+           "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1", "STANDIN_TIMING": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "standin"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=log.parent)
-    timer = threading.Timer(timeout_s, proc.kill)
+    def stop():  # SIGINT first: the stand-in reports its timing at exit
+        proc.send_signal(signal.SIGINT)
+        threading.Timer(20, proc.kill).start()
+
+    timer = threading.Timer(timeout_s, stop)
     timer.start()
     lines = []
     with open(log, "w") as f:
@@ -82,11 +87,13 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
     raw = re.search(rf"^{steps}/{steps} val_loss: ([\d.]+) val_bpb: ([\d.]+)", out, re.M)
     ema = re.search(r"pre-quantization post-ema val_loss:([\d.]+) val_bpb:([\d.]+)", out)
     mem = re.search(r"peak memory allocated: (\d+) MiB", out)
-    if proc.returncode and proc.returncode != -9:
+    standin = re.search(r"^standin: .*", out, re.M)
+    if proc.returncode and proc.returncode not in (-9, -2):
         print(f"record script failed ({proc.returncode}); its log: {log}\n{out[-3000:]}", flush=True)
     return {"trace": trace, "val_bpb_raw": float(raw[2]) if raw else float("nan"),
             "val_bpb_ema": float(ema[2]) if ema else float("nan"),
             "peak_memory_gib": int(mem[1]) / 1024 if mem else float("nan"), "finished": ema is not None,
+            "standin": standin[0] if standin else None,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -136,8 +143,8 @@ def phase_rates(trace: list, batch_tokens: int, steps: int) -> dict:
     clock = {s: t for s, t, _ in trace}
     out = {}
     for name, (a, b) in PHASES.items():
-        b = b or steps
-        if a in clock and b in clock:
+        b = min(b or steps, max(clock, default=0))  # a run stopped early: its phase so far
+        if a in clock and b >= a + 25:
             sec = (clock[b] - clock[a]) / (b - a)
             out[name] = {"ms_per_step": round(1000 * sec, 1), "tokens_per_s": round(batch_tokens / sec)}
         else:  # the run stopped before the phase ended
@@ -172,6 +179,9 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict
         row(f"ms/step, {phase}", a["phases"][phase]["ms_per_step"], b["phases"][phase]["ms_per_step"], "{:.1f}")
         row(f"tokens/s, {phase}", a["phases"][phase]["tokens_per_s"], b["phases"][phase]["tokens_per_s"], "{:,}")
     row("peak memory GiB", a["peak_memory_gib"], b["peak_memory_gib"], "{:.2f}")
+    lines += ["", f"record side, the FA3 stand-in's own cost: {a.get('standin')}",
+              "val bpb: the record scores whole batches of 32 sequences of its val split (its eval truncates); pgolf "
+              "every target, document-masked windows of 2048"]
     ratio = min(b["phases"][p]["tokens_per_s"] / a["phases"][p]["tokens_per_s"] for p in PHASES)
     return "\n".join(lines), {"record": a, "pgolf": b, "tokens_per_s_ratio_min": round(ratio, 4),
                               "loss_diff_last_100": round(b["mean_loss_last_100"] - a["mean_loss_last_100"], 4),
