@@ -79,7 +79,14 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
                 proc.kill()
     proc.wait()
     timer.cancel()
-    out = "".join(lines)
+    if proc.returncode and proc.returncode not in (-9, -2):
+        print(f"record script failed ({proc.returncode}); its log: {log}\n{''.join(lines)[-3000:]}", flush=True)
+    return parse_record("".join(lines), steps, batch_tokens) | {"wall_s": time.perf_counter() - t0}
+
+
+def parse_record(out: str, steps: int, batch_tokens: int) -> dict:
+    """The record side's figures from its output (or from the log run_record writes: its time stamps are dropped)."""
+    out = re.sub(r"^\[ *[\d.]+s\] ", "", out, flags=re.M)
     trace = []  # (step, train seconds, loss): the script logs cumulative tokens/s, from which its clock follows
     for m in re.finditer(r"^(\d+)/\d+ train_loss: ([\d.]+) train_time: [\d.]+m tok/s: (\d+)", out, re.M):
         step, loss, tps = int(m[1]), float(m[2]), int(m[3])
@@ -88,13 +95,10 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
     ema = re.search(r"pre-quantization post-ema val_loss:([\d.]+) val_bpb:([\d.]+)", out)
     mem = re.search(r"peak memory allocated: (\d+) MiB", out)
     standin = re.search(r"^standin: .*", out, re.M)
-    if proc.returncode and proc.returncode not in (-9, -2):
-        print(f"record script failed ({proc.returncode}); its log: {log}\n{out[-3000:]}", flush=True)
     return {"trace": trace, "val_bpb_raw": float(raw[2]) if raw else float("nan"),
             "val_bpb_ema": float(ema[2]) if ema else float("nan"),
             "peak_memory_gib": int(mem[1]) / 1024 if mem else float("nan"), "finished": ema is not None,
-            "standin": standin[0] if standin else None,
-            "wall_s": time.perf_counter() - t0}
+            "standin": standin[0] if standin else None}
 
 
 def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: int) -> dict:
@@ -152,17 +156,18 @@ def phase_rates(trace: list, batch_tokens: int, steps: int) -> dict:
     return out
 
 
-def summary(side: dict, batch_tokens: int, steps: int) -> dict:
-    losses = {s: l for s, _, l in side["trace"]}
-    last = [l for s, l in losses.items() if s > steps - 100]
+def summary(side: dict, batch_tokens: int, steps: int, last_step: int) -> dict:
+    """The side's figures; its mean train loss over the 100 steps up to last_step (the last both sides logged)."""
+    last = [l for s, _, l in side["trace"] if last_step - 100 < s <= last_step]
     return {"mean_loss_last_100": sum(last) / len(last) if last else float("nan"),
             "phases": phase_rates(side["trace"], batch_tokens, steps),
             **{k: v for k, v in side.items() if k != "trace"}}
 
 
 def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict]:
-    a, b = summary(rec, batch_tokens, steps), summary(pg, batch_tokens, steps)
     ra, rb = ({s: l for s, _, l in x["trace"]} for x in (rec, pg))
+    last = max(set(ra) & set(rb), default=steps)
+    a, b = summary(rec, batch_tokens, steps, last), summary(pg, batch_tokens, steps, last)
     lines = ["| step | record loss | pgolf loss | diff |", "|---|---|---|---|"]
     for s in sorted(set(ra) & set(rb)):
         if s % 25 == 0 or s == 1:
@@ -172,7 +177,7 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict
     def row(name, x, y, fmt, ratio=True):
         lines.append(f"| {name} | {fmt.format(x)} | {fmt.format(y)} | " + (f"{y / x:.3f} |" if ratio else f"{y - x:+.4f} |"))
 
-    row("mean train loss, last 100 steps", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
+    row(f"mean train loss, steps {last - 99}-{last}", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
     row("pre-quant val bpb, raw weights", a["val_bpb_raw"], b["val_bpb_raw"], "{:.4f}", False)
     row("pre-quant val bpb, EMA weights", a["val_bpb_ema"], b["val_bpb_ema"], "{:.4f}", False)
     for phase in PHASES:
@@ -188,22 +193,12 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict
                               "val_bpb_ema_diff": round(b["val_bpb_ema"] - a["val_bpb_ema"], 4)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--record", type=Path, help="the record's train_gpt.py")
-    ap.add_argument("--mirror", type=Path, required=True, help="a CaseOps mirror (pgolf mirror --caseops)")
-    ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-tokens", type=int, default=786_432, help="per step; 8 micro-batches on one GPU")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--out", type=Path, default=Path("record_parity.json"))
-    ap.add_argument("--results", type=Path, help="also record the table under record_parity in this results file")
-    ap.add_argument("--budget-s", type=float, default=1e9, help="stop the record script after this many seconds")
-    ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
-    args = ap.parse_args()
-    if args.side == "pgolf":
-        print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed)))
-        return
+def pgolf_result(out: str) -> dict:
+    return json.loads(out.split("PGOLF_RESULT ", 1)[1].splitlines()[0])
+
+
+def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The record script, then pgolf's trainer in a process of its own, on one GPU."""
     work = args.out.resolve().parent
     rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
                      work / "record_parity_record.log", args.budget_s)
@@ -214,14 +209,44 @@ def main() -> None:
     (work / "record_parity_pgolf.log").write_text(p.stdout + p.stderr)
     if p.returncode:
         print(f"pgolf side failed ({p.returncode}):\n{p.stderr[-1500:]}", flush=True)
-        pg = {"trace": [], "val_bpb_raw": float("nan"), "val_bpb_ema": float("nan"), "peak_memory_gib": float("nan")}
-    else:
-        pg = json.loads(p.stdout.split("PGOLF_RESULT ", 1)[1])
-        print(f"pgolf: {pg['wall_s']:.0f} s", flush=True)
-    text, result = table(rec, pg, args.batch_tokens, args.steps)
-    import torch
+        return rec, {"trace": [], "val_bpb_raw": float("nan"), "val_bpb_ema": float("nan"),
+                     "peak_memory_gib": float("nan")}
+    pg = pgolf_result(p.stdout)
+    print(f"pgolf: {pg['wall_s']:.0f} s", flush=True)
+    return rec, pg
 
-    result |= {"gpu": torch.cuda.get_device_name(), "steps": args.steps, "batch_tokens": args.batch_tokens,
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--record", type=Path, help="the record's train_gpt.py")
+    ap.add_argument("--mirror", type=Path, help="a CaseOps mirror (pgolf mirror --caseops); needed to run")
+    ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-tokens", type=int, default=786_432, help="per step; 8 micro-batches on one GPU")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", type=Path, default=Path("record_parity.json"))
+    ap.add_argument("--results", type=Path, help="also record the table under record_parity in this results file")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop the record script after this many seconds")
+    ap.add_argument("--record-log", type=Path, help="no run: the record side from a log run_record wrote ...")
+    ap.add_argument("--pgolf-log", type=Path, help="... and the pgolf side from the output of --side pgolf")
+    ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
+    args = ap.parse_args()
+    if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
+        ap.error("to run: --mirror, and --record (or --record-log and --pgolf-log to table saved runs)")
+    if args.side == "pgolf":
+        print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed)))
+        return
+    if args.record_log and args.pgolf_log:  # the two sides run in separate device calls, tabled here
+        rec = parse_record(args.record_log.read_text(), args.steps, args.batch_tokens)
+        pg = pgolf_result(args.pgolf_log.read_text())
+        gpu = "the GPU of the logs"
+    else:
+        rec, pg = run_both(args)
+        import torch
+
+        gpu = torch.cuda.get_device_name()
+    text, result = table(rec, pg, args.batch_tokens, args.steps)
+    result |= {"gpu": gpu, "steps": args.steps, "batch_tokens": args.batch_tokens,
                "seed": args.seed, "record_script": str(args.record), "table": text,
                "traces": {"record": rec["trace"], "pgolf": pg["trace"]}}
     print(text)
