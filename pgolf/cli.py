@@ -46,6 +46,15 @@ def mirror(args: argparse.Namespace) -> None:
           + (", data.caseops: true" if args.caseops else ""))
 
 
+def plots(args: argparse.Namespace) -> None:
+    from . import compare, io, plots
+
+    show = compare.load_show(args.json)
+    with io.atomic_dir(args.out, "plots") as tmp:
+        written = plots.write(show, tmp)
+    print("\n".join(str(Path(args.out) / p.name) for p in written))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf as a DVC pipeline: tools beside "
                                      "`dvc repro` (run them in the repository root).")
@@ -54,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("json", nargs="?", help="saved output of `dvc exp show --json` (default: run it here)")
     p.add_argument("--format", choices=("markdown", "plain"), default="markdown")
     p.set_defaults(run=compare)
+    p = sub.add_parser("plots", help="PNG plots of the experiments: train loss, val_bpb against total bytes, quant gap")
+    p.add_argument("json", nargs="?", help="saved output of `dvc exp show --json` (default: run it here)")
+    p.add_argument("--out", default="plots", help="folder to write the PNGs to (default: plots)")
+    p.set_defaults(run=plots)
     p = sub.add_parser("export", help="the run's submission folder (train_gpt.py, blob, submission.json, README, logs)")
     p.add_argument("--out", default="artifacts/export", help="folder to write (default: artifacts/export)")
     p.add_argument("--params", default="params.yaml")

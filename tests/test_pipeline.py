@@ -109,6 +109,16 @@ def test_whole_pipeline_fits_the_budget_then_experiments_rerun_only_what_changed
     assert bpbs == sorted(bpbs)
     assert "FAILED" in table.splitlines()[-1] and "broken" in table.splitlines()[-1]
 
+    # pgolf plots: three PNGs; the quant-only experiments' loss, read at their revisions, is the baseline's training
+    run(["pgolf", "plots", "--out", "figs"], repo)
+    for name in ("train_loss.png", "bpb_vs_total_bytes.png", "quant_gap.png"):
+        assert (repo / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from pgolf import compare, plots
+
+    curves = plots.loss_curves(compare.rows(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)), str(repo))
+    baseline = np.loadtxt(repo / plots.LOSS_PATH, skiprows=1)
+    assert {"rtn", "sliding", "tmp-sd"} <= set(curves) and all(np.array_equal(curves[n], baseline) for n in curves)
+
     # the README's `dvc exp show`: the score first, six decimals, only the columns that matter
     import csv
 
