@@ -488,8 +488,8 @@ CALIBRATED_MISS = 3e-4  # a calibrated estimate's miss a refinement away (relati
 
 
 def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult], QuantResult], lo: float, hi: float,
-            tol: float, target: int, sizer, result: QuantResult, size: int | None,
-            at: float) -> tuple[float | None, QuantResult, int | None, int, float]:
+            tol: float, target: int, sizer, result: QuantResult, size: int | None, at: float,
+            report: Callable[[float, int], None]) -> tuple[float | None, QuantResult, int | None, int, float]:
     """Search x in [lo, hi] on the sizer's estimate of make(x), check finish(make(x)) with the real codecs, and
     re-calibrate there and search again (at most VERIFY_ROUNDS searches) while it is over the target, or once if
     it is more than UNDER_SLACK under (the sample-based first estimate can be pessimistic); if the searches end
@@ -499,7 +499,7 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
     twice the last margin) below, if larger. A re-calibrated search moves little: it brackets the answer between
     the last x and a point REFINE_SPAN of the range beyond it (the whole side if that is not enough), and every
     make(x) is kept for the later searches. `result` is make(at), and `size` its exact size (None: only estimated so far).
-    Returns (x, result, size, codec checks, seconds searching)."""
+    report(x, size) follows each check. Returns (x, result, size, codec checks, seconds searching)."""
     x, checks, searched, margin, calibrated, predicted = None, 0, 0.0, 0.0, False, 0.0
     fitting: tuple | None = None  # (x, result, size) of the last checked result that fit
     made: dict[float, QuantResult] = {at: result}
@@ -541,6 +541,7 @@ def _search(make: Callable[[float], QuantResult], finish: Callable[[QuantResult]
         predicted = estimate(x)
         result = finish(made[x])
         size, checks = sizer.exact(result), checks + 1
+        report(x, size)
     if fitting is not None and not fitting[2] < size <= target:
         x, result, size = fitting
     return x, result, size, checks, searched
@@ -552,13 +553,15 @@ def clip_is_rate_knob(cfg: QuantConfig) -> bool:
     return cfg.method in ("sdclip", "adaptive_clip") or (cfg.method == "gptq" and cfg.clip_rule == "sdclip")
 
 
-def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult, dict]:
+def fit_target(problem: Problem, target: int | None, sizer,
+               log: Callable[[str], None] = lambda line: None) -> tuple[QuantResult, dict]:
     """Quantize so the compressed model meets `target` bytes. The sizer estimates a result's blob from the order-0
     entropy of its codes, scaled by what its codecs achieved on samples (`prepare`) or on a whole blob
     (`calibrate`); the clip offset is searched on the estimate, the result is checked with the real codecs
     (`exact`: the blob compress will write), and the estimate re-calibrated there while it is over (or once if it
     is far under). If the widest clip is too large, the cheapest ±1 codes are pruned the same way. A k · std clip
-    also spends spare bytes (tighter clip); the others stay at their clip when under the target."""
+    also spends spare bytes (tighter clip); the others stay at their clip when under the target. Each codec check
+    is logged: the search runs whole quantizations and takes seconds to minutes."""
     two_sided = clip_is_rate_knob(problem.cfg)
     lo, hi = RATE_OFFSET_RANGE if two_sided else OFFSET_RANGE
     info: dict = {"clip_offset": 0.0, "pruned_codes": 0}
@@ -568,30 +571,41 @@ def fit_target(problem: Problem, target: int | None, sizer) -> tuple[QuantResult
     result = problem.codes(0.0)
     sizer.prepare(result)
     info["unfitted_bytes_est"] = round(sizer.estimate(result))
+    log(f"quantize: fitting {problem.cfg.method} to {target:,} bytes; unfitted about {info['unfitted_bytes_est']:,}")
+
+    def report(what: str) -> Callable[[float, int], None]:
+        def line(x: float, size: int) -> None:
+            verdict = "fits" if size <= target else f"{size - target:,} over"
+            log(f"quantize: {what} {x:.4g}: {size:,} bytes ({verdict}), {time.perf_counter() - t0:.1f} s")
+        return line
+
     size, checks = None, 0
     if not two_sided and info["unfitted_bytes_est"] <= target * (1 - ESTIMATE_SLACK):
         result = problem.finish(result)
         size, checks = sizer.exact(result), 1
+        report("clip offset")(0.0, size)
     offset, result, size, more, searched = _search(problem.codes, problem.finish, lo, hi, 1e-3, target, sizer,
-                                                   result, size, at=0.0)
+                                                   result, size, 0.0, report("clip offset"))
     info |= {"clip_offset": round(offset or 0.0, 4), "search_seconds": round(searched, 3)}
     checks += more
     if size > target:
-        result, size, pruned, more = _prune_to(result, problem, target, sizer, size)
+        result, size, pruned, more = _prune_to(result, problem, target, sizer, size, report("pruned codes"))
         info["pruned_codes"], checks = pruned, checks + more
     return result, info | {"fitted_bytes": size, "codec_checks": checks,
                            "fit_seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _prune_to(result: QuantResult, problem: Problem, target: int, sizer, size: int) -> tuple[QuantResult, int, int, int]:
+def _prune_to(result: QuantResult, problem: Problem, target: int, sizer, size: int,
+              report: Callable[[float, int], None]) -> tuple[QuantResult, int, int, int]:
     candidates, names = prune_candidates(result, problem)
     total = candidates.size(1)
     floor = sizer.exact(apply_pruning(result, candidates, names, total))
+    report(total, floor)
     if floor > target:
         raise PgolfError(f"quant.target_bytes: {target:,} is unreachable: the widest clip with every ±1 code "
                          f"pruned still takes {floor:,} bytes ({floor - target:,} over); lower quant.bits or the model size")
     prune = lambda n: apply_pruning(result, candidates, names, int(n))  # noqa: E731
-    n, pruned, size, checks, _ = _search(prune, lambda r: r, 0, total, 1, target, sizer, result, size, at=0)
+    n, pruned, size, checks, _ = _search(prune, lambda r: r, 0, total, 1, target, sizer, result, size, 0, report)
     if size <= target:
         return pruned, size, int(n), checks + 1
     return prune(total), floor, total, checks + 1
@@ -653,11 +667,12 @@ def load_inputs(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def quantize(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], shared: dict[str, str],
-             cfg: QuantConfig, target: int | None, sizer) -> tuple[QuantResult, dict]:
+             cfg: QuantConfig, target: int | None, sizer,
+             log: Callable[[str], None] = lambda line: None) -> tuple[QuantResult, dict]:
     """Quantize a model's state to meet `target` compressed bytes (None: as configured); returns the result and
     the stage's metrics: the search's outcome, the errors and each tensor's clip multiplier k."""
     t0 = time.perf_counter()
-    result, info = fit_target(Problem(state, hessians, shared, cfg), target, sizer)
+    result, info = fit_target(Problem(state, hessians, shared, cfg), target, sizer, log)
     metrics = {"seconds": round(time.perf_counter() - t0, 3), "target_bytes": target, **info, **error_metrics(result),
                "lqer_tensors": sum(q.lqer is not None for q in result.quantized.values())}
     ks = {n: round(q.k, 4) for n, q in sorted(result.quantized.items()) if q.k is not None}

@@ -17,7 +17,8 @@ def main() -> dict:
         raise PgolfError(f"audit.limit_bytes: {params.audit.limit_bytes:,} leaves no room for the model: train_gpt.py "
                          f"takes up to {code:,} bytes, plus quant.target_margin {params.quant.target_margin:,}")
     sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
-    result, metrics = quant.quantize(state, hessians, shared, params.quant, budget, sizer)
+    result, metrics = quant.quantize(state, hessians, shared, params.quant, budget, sizer,
+                                    log=lambda line: print(line, flush=True))
     quant.save_quantized(paths.QUANTIZED, result, model_meta | {"plan": sizer.plan})
     return metrics | {f"codec_{k}_seconds": round(v, 3) for k, v in sizer.seconds.items()}
 

@@ -2,6 +2,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 
 import numpy as np
 import pytest
@@ -302,8 +303,13 @@ def test_fit_meets_a_target_by_the_clip_offset_then_by_pruning_and_names_an_unre
     assert 0 < info["clip_offset"] <= 2 and info["pruned_codes"] == 0
     assert info["fitted_bytes"] == pack.Sizer({}, LZMA_INT8).exact(result) <= natural - 3000
     widest = pack.Sizer({}, LZMA_INT8).exact(p.quantize(2.0))
-    result, info = fit_target(p, widest - 200, FakeSizer())
+    lines = []
+    result, info = fit_target(p, widest - 200, FakeSizer(), lines.append)
     assert info["clip_offset"] == 2.0 and info["pruned_codes"] > 0 and info["fitted_bytes"] <= widest - 200
+    # the search says what it does: a line to start, then one for each codec check, the last the fit it kept
+    checks = [line for line in lines if re.match(r"quantize: (clip offset|pruned codes) [\d.e+-]+: [\d,]+ bytes", line)]
+    assert lines[0].startswith(f"quantize: fitting gptq to {widest - 200:,} bytes") and len(checks) == info["codec_checks"]
+    assert "over)" in checks[0] and "pruned codes" in checks[-1]
     with pytest.raises(PgolfError, match=r"quant.target_bytes: 100 is unreachable: the widest clip with every ±1 code "
                                          r"pruned still takes [\d,]+ bytes"):
         fit_target(p, 100, FakeSizer())
