@@ -81,7 +81,7 @@ def main() -> None:
             t0 = time.perf_counter()
             result, info = quant.fit_target(problem, target, sizer)
             t1 = time.perf_counter()
-            blob, report = pack.pack(result, meta, sizer.plan, cache)
+            blob, report = pack.pack(result, meta, sizer.plan, cache, params.compress.streams)
             t2 = time.perf_counter()
         pack.unpack(blob)
         t3 = time.perf_counter()

@@ -50,7 +50,8 @@ def main() -> None:
         sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
         result, metrics = quant.quantize(state, hessians, shared, cfg, target, sizer)
         t1 = time.perf_counter()
-        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_for(result, params.compress), sizer.cache)
+        blob, _ = pack.pack(result, model_meta, sizer.plan or pack.plan_for(result, params.compress), sizer.cache,
+                            params.compress.streams)
         t2 = time.perf_counter()
         model = build_model(model_meta, result.dequantized(), device, name)
         p = evaluate.evaluate(model, val, plain, device)[0]

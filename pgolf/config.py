@@ -188,6 +188,7 @@ class CompressConfig:
     codec: str = param("auto", choices="pgolf.codecs:CODECS", also=("auto",))
     layout: str = param("auto", choices="pgolf.pack:LAYOUTS", also=("auto",))
     auto_slack_bytes: int = param(0, ge=0)  # auto takes a faster-decoding codec per stream within this many bytes
+    streams: str = param("group", choices="pgolf.pack:STREAMINGS")  # code streams per group or per matrix type
 
 
 @dataclass

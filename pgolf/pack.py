@@ -34,7 +34,7 @@ from . import codecs
 from .config import CompressConfig
 from .errors import PgolfError
 from .io import write_bytes
-from .quant import GROUPS, LowRank, Quantized, QuantResult, group_of
+from .quant import LowRank, Quantized, QuantResult, group_of
 from .registry import Registry
 from .weights import build_model
 
@@ -51,8 +51,8 @@ SERIAL_BELOW = 2 << 20  # jobs smaller than this in total run one after another
 
 @dataclass(frozen=True)
 class Layout:
-    pack: Callable[[np.ndarray, int], bytes]  # (int8 codes, bits) -> bytes
-    unpack: Callable[[bytes, int, int], np.ndarray]  # (bytes, bits, count) -> int8 codes
+    pack: Callable[[np.ndarray, int], bytes]  # (a tensor's int8 codes, 1-D or 2-D; bits) -> bytes
+    unpack: Callable[[bytes, int, tuple[int, ...]], np.ndarray]  # (bytes, bits, shape) -> int8 codes of that shape
     size: Callable[[int, int], int]  # (count, bits) -> bytes
 
 
@@ -70,11 +70,24 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     return (np.packbits(fields, axis=1, bitorder="little").reshape(-1).astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
 
 
+def _count(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def _bytes_as(dtype) -> Callable[[bytes, int, tuple[int, ...]], np.ndarray]:
+    return lambda d, b, shape: np.frombuffer(d, dtype=dtype)[:_count(shape)].reshape(shape)
+
+
 LAYOUTS: Registry[Layout] = Registry("compress.layout")
-LAYOUTS.add("int8", Layout(lambda c, b: c.astype(np.int8).tobytes(),
-                           lambda d, b, n: np.frombuffer(d, dtype=np.int8)[:n], lambda n, b: n))
-LAYOUTS.add("bitpack", Layout(pack_bits, unpack_bits, lambda n, b: (n * b + 7) // 8))
-RAW = Layout(lambda c, b: c.tobytes(), lambda d, b, n: np.frombuffer(d, dtype=np.uint8)[:n], lambda n, b: n)
+LAYOUTS.add("int8", Layout(lambda c, b: c.astype(np.int8).tobytes(), _bytes_as(np.int8), lambda n, b: n))
+LAYOUTS.add("bitpack", Layout(pack_bits, lambda d, b, shape: unpack_bits(d, b, _count(shape)).reshape(shape),
+                              lambda n, b: (n * b + 7) // 8))
+# Column-major: a context model then sees one input channel's codes over all the rows (output channels) in a run,
+# not one row's codes over the channels (issue 27's probe: 160 KB less ZPAQ over a 15.8 MB challenge model)
+LAYOUTS.add("col", Layout(lambda c, b: np.ascontiguousarray(c.T, dtype=np.int8).tobytes(),
+                          lambda d, b, shape: np.frombuffer(d, dtype=np.int8)[:_count(shape)].reshape(shape[::-1]).T,
+                          lambda n, b: n))
+RAW = Layout(lambda c, b: c.tobytes(), _bytes_as(np.uint8), lambda n, b: n)
 
 
 def _layout(name: str) -> Layout:
@@ -115,8 +128,29 @@ class _Stream:
         return b"".join(chunks), spans
 
 
-def _streams(result: QuantResult) -> tuple[dict[str, _Stream], list[dict]]:
-    streams = {f"codes.{g}": _Stream(f"codes.{g}", True) for g in GROUPS}
+_TYPE_PARTS = {".attn.q.": "q", ".attn.k.": "k", ".attn.v.": "v", ".attn.proj.": "o", ".mlp.fc.": "fc",
+               ".mlp.proj.": "proj"}
+
+
+def matrix_type(name: str) -> str:
+    """q, k, v, o, fc, proj, embed or other: what a matrix is, for a code stream of each type."""
+    return next((t for part, t in _TYPE_PARTS.items() if part in name), "embed" if group_of(name) == "embed" else "other")
+
+
+# compress.streams: which code stream a tensor's codes go to; `type` keeps one distribution per stream
+STREAMINGS: Registry[Callable[[str], str]] = Registry("compress.streams")
+STREAMINGS.add("group", group_of)  # attn, mlp, embed, other
+STREAMINGS.add("type", matrix_type)
+
+
+def code_stream(name: str, streams: str) -> str:
+    return f"codes.{STREAMINGS[streams](name)}"
+
+
+def _streams(result: QuantResult, grouping: str = "group") -> tuple[dict[str, _Stream], list[dict]]:
+    """The blob's streams (codes per compress.streams `grouping`, LQER factors, fp16 data) with the tensor entries
+    pointing into them as (stream, part index)."""
+    streams = {key: _Stream(key, True) for key in sorted({code_stream(n, grouping) for n in result.quantized})}
     streams["lqer"], streams["fp16"] = _Stream("lqer", True), _Stream("fp16", False)
 
     def half(arr) -> tuple[str, int]:
@@ -125,7 +159,7 @@ def _streams(result: QuantResult) -> tuple[dict[str, _Stream], list[dict]]:
     entries = []
     for name in sorted(result.quantized):
         q = result.quantized[name]
-        s = f"codes.{group_of(name)}"
+        s = code_stream(name, grouping)
         e = {"name": name, "kind": "int", "shape": list(q.codes.shape), "bits": q.bits,
              "codes": (s, streams[s].add(q.codes.cpu().numpy(), q.bits)), "scale": half(q.scale)}
         if q.lqer is not None:
@@ -233,14 +267,14 @@ def _choose(trials: dict[str, int], slack: int) -> tuple[str, str, int]:
 
 
 def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
-                 names: set[str] | None = None, slack: int = 0) -> dict[str, dict]:
+                 names: set[str] | None = None, slack: int = 0, streams: str = "group") -> dict[str, dict]:
     """Per stream (or those in `names`), the (layout, codec) pair that compresses a sample of it smallest, and each
     tried pair's size extrapolated from the sample. Every codec is tried on the first allowed layout, then the
     chosen one on the others: a layout changes how a codec sees the codes, not which codec models them best, and
     the trials of the slowest codecs are the plan's time. A pair within `slack` bytes of the smallest that decodes
-    faster is taken instead (ZPAQ's level 5 takes seconds a MiB, both ways, for a fraction of a percent)."""
-    streams, _ = _streams(result)
-    streams = {n: s for n, s in streams.items() if names is None or n in names}
+    faster is taken instead (ZPAQ's level 5 takes seconds a MiB, both ways, for a fraction of a percent). `streams`
+    is compress.streams: how tensors' codes are grouped into streams."""
+    streams = {n: s for n, s in _streams(result, streams)[0].items() if names is None or n in names}
     codec_names = _allowed(codec, codecs.CODECS, "compress.codec")
     layout_names = _allowed(layout, LAYOUTS, "compress.layout")
     plan: dict[str, dict] = {}
@@ -262,13 +296,13 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
 
 
 def plan_for(result: QuantResult, cfg: CompressConfig, names: set[str] | None = None) -> dict[str, dict]:
-    """plan_streams with the compress section's codec, layout and slack."""
-    return plan_streams(result, cfg.codec, cfg.layout, names, cfg.auto_slack_bytes)
+    """plan_streams with the compress section's codec, layout, slack and streams."""
+    return plan_streams(result, cfg.codec, cfg.layout, names, cfg.auto_slack_bytes, cfg.streams)
 
 
-def _layouts(result: QuantResult, plan: dict[str, dict]) -> tuple[list[str], dict, list[dict]]:
+def _layouts(result: QuantResult, plan: dict[str, dict], streams: str) -> tuple[list[str], dict, list[dict]]:
     """The streams in order, each one's bytes in its planned layout, and the tensor entries pointing into them."""
-    streams, entries = _streams(result)
+    streams, entries = _streams(result, streams)
     if set(streams) - set(plan):
         raise PgolfError(f"no codec plan for stream(s) {sorted(set(streams) - set(plan))}")
     raws, spans = {}, {}
@@ -300,11 +334,11 @@ def _pack_header(header: bytes) -> bytes:
     return lzma.compress(header, preset=9 | lzma.PRESET_EXTREME)
 
 
-def pack(result: QuantResult, meta: dict, plan: dict[str, dict],
-         cache: ChunkCache | None = None) -> tuple[bytes, dict[str, dict]]:
-    """The blob for `result`, each stream with the layout and codec `plan` names; also a report per stream
-    (raw, order-0 entropy and packed bytes)."""
-    order, raws, entries = _layouts(result, plan)
+def pack(result: QuantResult, meta: dict, plan: dict[str, dict], cache: ChunkCache | None = None,
+         streams: str = "group") -> tuple[bytes, dict[str, dict]]:
+    """The blob for `result`, its codes in the streams `streams` (compress.streams) makes, each with the layout and
+    codec `plan` names; also a report per stream (raw, order-0 entropy and packed bytes)."""
+    order, raws, entries = _layouts(result, plan, streams)
     jobs = [(n, plan[n]["codec"], c) for n in order for c in _chunks(raws[n])]
     packed_chunks = _compress_all([(codec, c) for _, codec, c in jobs], cache)
     packed = {n: [p for (m, _, _), p in zip(jobs, packed_chunks) if m == n] for n in order}
@@ -317,9 +351,9 @@ def pack(result: QuantResult, meta: dict, plan: dict[str, dict],
     return blob, report
 
 
-def header_bytes(result: QuantResult, meta: dict, plan: dict[str, dict]) -> int:
+def header_bytes(result: QuantResult, meta: dict, plan: dict[str, dict], streams: str = "group") -> int:
     """What the blob's fixed head and packed header take, with the plan's estimates as the streams' sizes."""
-    order, raws, entries = _layouts(result, plan)
+    order, raws, entries = _layouts(result, plan, streams)
     estimates = [[round(plan[n]["estimate"] * len(c) / len(raws[n])) for c in _chunks(raws[n])] for n in order]
     return HEAD.size + len(_pack_header(_header(meta, plan, order, raws, estimates, entries)))
 
@@ -377,46 +411,45 @@ def load_model(path: Path, device: torch.device | str = "cpu", expected_sha256: 
     return build_model(meta, state, device, str(path))
 
 
-def _part(ref: list, streams: list, raws: list[bytes], count: int, bits: int, where: str,
-          layout: str | None = None) -> np.ndarray:
-    """The `count` values a part holds, after checking its span lies in its stream and fits `count`."""
+def _part(ref: list, streams: list, raws: list[bytes], shape: tuple[int, ...], bits: int, where: str,
+          layout: str | None = None) -> torch.Tensor:
+    """The values of `shape` a part holds, after checking its span lies in its stream and fits the shape."""
     i, off, n = (int(x) for x in ref)
     lay = _layout(layout or streams[i][1])
-    if not (0 <= off and off + n <= len(raws[i])) or n != lay.size(count, bits):
+    if not (0 <= off and off + n <= len(raws[i])) or n != lay.size(_count(shape), bits):
         raise PgolfError(f"{where}: malformed blob (a tensor part does not match its declared shape)")
-    return lay.unpack(raws[i][off:off + n], bits, count)
+    return torch.from_numpy(np.ascontiguousarray(lay.unpack(raws[i][off:off + n], bits, shape)).copy())
 
 
-def _count(shape: list, where: str) -> int:
+def _shape(shape: list, where: str) -> tuple[int, ...]:
     if not all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape):
         raise PgolfError(f"{where}: malformed blob (bad tensor shape {shape})")
-    return int(np.prod(shape)) if shape else 1
+    return tuple(shape)
 
 
 def _halves(ref: list, streams, raws, count: int, where: str) -> torch.Tensor:
-    data = _part(ref, streams, raws, 2 * count, 0, where, "raw")
-    return torch.from_numpy(unshuffle16(data.tobytes()).copy())
+    data = _part(ref, streams, raws, (2 * count,), 0, where, "raw")
+    return torch.from_numpy(unshuffle16(data.numpy().tobytes()).copy())
 
 
 def _tensors(entries: list[dict], streams: list, raws: list[bytes], where: str) -> dict[str, torch.Tensor]:
     state = {}
     for e in entries:
-        shape = e["shape"]
-        count = _count(shape, where)
+        shape = _shape(e["shape"], where)
         if e["kind"] == "int":
             rows = shape[0]
-            codes = _part(e["codes"], streams, raws, count, e["bits"], where).reshape(shape)
-            q = Quantized(torch.from_numpy(codes.copy()), _halves(e["scale"], streams, raws, rows, where), e["bits"])
+            codes = _part(e["codes"], streams, raws, shape, e["bits"], where)
+            q = Quantized(codes, _halves(e["scale"], streams, raws, rows, where), e["bits"])
             if "lqer" in e:
                 lq, r = e["lqer"], int(e["lqer"]["rank"])
-                b_count = _count([r, shape[1]], where)
-                q.lqer = LowRank(torch.from_numpy(_part(lq["a"], streams, raws, rows * r, 2, where).reshape(rows, r).copy()),
+                b_shape = _shape([r, shape[1]], where)
+                q.lqer = LowRank(_part(lq["a"], streams, raws, (rows, r), 2, where),
                                  _halves(lq["a_scale"], streams, raws, 1, where),
-                                 torch.from_numpy(_part(lq["b"], streams, raws, b_count, 4, where).reshape(r, shape[1]).copy()),
-                                 _halves(lq["b_scale"], streams, raws, b_count // int(lq["group"]), where))
+                                 _part(lq["b"], streams, raws, b_shape, 4, where),
+                                 _halves(lq["b_scale"], streams, raws, _count(b_shape) // int(lq["group"]), where))
             state[e["name"]] = q.dequantize()
         else:
-            state[e["name"]] = _halves(e["data"], streams, raws, count, where).float().reshape(shape)
+            state[e["name"]] = _halves(e["data"], streams, raws, _count(shape), where).float().reshape(shape)
     return state
 
 
@@ -439,11 +472,11 @@ class Sizer:
         t0 = time.perf_counter()
         if self.plan is None:
             self.plan = plan_for(result, self.cfg)
-        missing = set(_streams(result)[0]) - set(self.plan)  # LQER's stream appears once the factors are added
+        missing = set(_streams(result, self.cfg.streams)[0]) - set(self.plan)  # LQER's: once factors are added
         if missing:
             self.plan |= plan_for(result, self.cfg, missing)
         t1 = time.perf_counter()
-        blob, self.report = pack(result, self.meta, self.plan, self.cache)
+        blob, self.report = pack(result, self.meta, self.plan, self.cache, self.cfg.streams)
         self.seconds["plan"] += t1 - t0
         self.seconds["pack"] += time.perf_counter() - t1
         return len(blob)
@@ -453,27 +486,27 @@ class Sizer:
         t0 = time.perf_counter()
         self.plan = plan_for(result, self.cfg)
         self.seconds["plan"] += time.perf_counter() - t0
-        entropy = group_entropy(result)
-        self.ratio = {g: self.plan[f"codes.{g}"]["estimate"] / max(h, 1e-9) for g, h in entropy.items()}
-        self.fixed = header_bytes(result, self.meta, self.plan) + sum(e["estimate"] for n, e in self.plan.items()
-                                                                      if not n.startswith("codes."))
+        entropy = code_entropy(result, self.cfg.streams)
+        self.ratio = {s: self.plan[s]["estimate"] / max(h, 1e-9) for s, h in entropy.items()}
+        self.fixed = header_bytes(result, self.meta, self.plan, self.cfg.streams) + sum(
+            e["estimate"] for n, e in self.plan.items() if not n.startswith("codes."))
 
     def calibrate(self, result: QuantResult, size: int) -> None:
         """Measure the ratios at `result`, whose exact size was the last one computed."""
-        entropy = group_entropy(result)
-        self.ratio = {g: self.report[f"codes.{g}"]["packed"] / max(h, 1e-9) for g, h in entropy.items()}
-        self.fixed = size - sum(self.report[f"codes.{g}"]["packed"] for g in entropy)
+        entropy = code_entropy(result, self.cfg.streams)
+        self.ratio = {s: self.report[s]["packed"] / max(h, 1e-9) for s, h in entropy.items()}
+        self.fixed = size - sum(self.report[s]["packed"] for s in entropy)
 
     def estimate(self, result: QuantResult) -> float:
-        return self.fixed + sum(self.ratio[g] * h for g, h in group_entropy(result).items())
+        return self.fixed + sum(self.ratio[s] * h for s, h in code_entropy(result, self.cfg.streams).items())
 
 
-def group_entropy(result: QuantResult) -> dict[str, float]:
-    """Order-0 entropy in bytes of each group's codes (histograms on the codes' device)."""
+def code_entropy(result: QuantResult, streams: str = "group") -> dict[str, float]:
+    """Order-0 entropy in bytes of each code stream's codes (histograms on the codes' device)."""
     hist: dict[str, torch.Tensor] = {}
     for name, q in result.quantized.items():
         h = torch.bincount(q.codes.reshape(-1).int() + 128, minlength=256).double()
-        g = group_of(name)
+        g = code_stream(name, streams)
         hist[g] = hist[g] + h if g in hist else h
     out = {}
     for g, h in hist.items():

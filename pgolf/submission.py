@@ -67,7 +67,7 @@ def train_and_pack(params: Params, data: Path, rt: runtime.Runtime, blob_path: P
         q, qm = quant.quantize(state, c.hessians, c.shared, params.quant, budget, sizer)
         if sizer.plan is None:
             sizer.plan = pack.plan_for(q, params.compress)
-        blob, _ = pack.pack(q, meta, sizer.plan)
+        blob, _ = pack.pack(q, meta, sizer.plan, streams=params.compress.streams)
         blob_path.write_bytes(blob)
         log(rt, f"quantize: {params.quant.method}, {len(blob):,} model bytes (offset {qm['clip_offset']}, "
                 f"{qm['pruned_codes']} codes pruned)")

@@ -14,7 +14,7 @@ def main() -> dict:
     t0 = time.perf_counter()
     # quantize's plan, where it sized the blob with one (its trials ran on the same tensors at the configured clip)
     plan = meta.pop("plan", None) or pack.plan_for(result, cfg)
-    blob, report = pack.pack(result, meta, plan, pack.ChunkCache(paths.PACK_CACHE))
+    blob, report = pack.pack(result, meta, plan, pack.ChunkCache(paths.PACK_CACHE), cfg.streams)
     seconds = time.perf_counter() - t0
     write_bytes(paths.BLOB, blob)
     write_json(paths.BLOB_INFO, {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "streams": report,
@@ -30,7 +30,7 @@ def main() -> dict:
             estimates[codec] = estimates.get(codec, 0) + size
     return {"blob_bytes": len(blob), "seconds": round(seconds, 3),
             "codes_bytes": sum(report[n]["packed"] for n in codes),
-            "codes_entropy_bytes": round(sum(pack.group_entropy(result).values())),
+            "codes_entropy_bytes": round(sum(pack.code_entropy(result).values())),
             **{f"codes_bytes_est_{c}": v for c, v in sorted(estimates.items())}}
 
 
