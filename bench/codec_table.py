@@ -1,9 +1,15 @@
-"""Each codec on the whole of each stream of a quantized model, cut into the blob's chunks and compressed on all
-cores as pack does: bytes against the order-0 entropy, and the seconds to compress and to decompress. The plan's
-sample trials decide the blob; this says what each codec does on all of it.
-    python bench/codec_table.py [--quantized=artifacts/quantize/quantized.safetensors] [--out=PATH] zpaq zpaq_o1 brotli
+"""Each codec on the whole of each stream of quantized models, for each codes layout and stream grouping, cut into the
+blob's chunks and compressed on all cores as pack does: bytes against the order-0 entropy, and the seconds to compress
+and to decompress. The plan's sample trials decide the blob; this says what each choice does on all of it.
+
+    python bench/codec_table.py [--quantized=A.safetensors,B.safetensors] [--layouts=int8,col]
+                                [--streams=group,type] [--out=PATH] zpaq zpaq_o1 brotli
+
+Several quantized files compare what was done before the codes (compress.reorder: quantize once with none and once
+with similar; the file's name labels its rows).
 """
 
+import itertools
 import json
 import os
 import sys
@@ -16,34 +22,43 @@ from points import print_table, save  # noqa: E402
 from pgolf import codecs, pack, quant  # noqa: E402
 
 
+def measure(result: quant.QuantResult, codec: str, layout: str, grouping: str) -> dict:
+    streams, _ = pack._streams(result, grouping)
+    raws = {n: s.build(pack._layout(layout if s.codes else "raw"))[0] for n, s in streams.items()}
+    chunks = {n: pack._chunks(raw) for n, raw in raws.items()}
+    jobs = [(codec, c) for cs in chunks.values() for c in cs]
+    t0 = time.perf_counter()
+    packed = pack._compress_all(jobs)
+    t1 = time.perf_counter()
+    pack._in_parallel(lambda j: codecs.decompress(codecs.CODECS[codec].id, j[0], j[1], codec),
+                      [(p, len(c)) for p, (_, c) in zip(packed, jobs)], [len(c) for _, c in jobs])
+    t2 = time.perf_counter()
+    sizes, i = {}, 0
+    for n, cs in chunks.items():
+        sizes[n], i = sum(map(len, packed[i:i + len(cs)])), i + len(cs)
+    codes = sum(v for n, v in sizes.items() if n.startswith("codes."))
+    entropy = sum(codecs.entropy_bytes(raws[n]) for n in raws if n.startswith("codes."))
+    return {"codec": codec, "layout": layout, "streams": grouping, "codes_bytes": codes,
+            "codes_entropy_bytes": round(entropy), "vs_order0": round(codes / entropy - 1, 5),
+            "total_bytes": sum(sizes.values()), "compress_s": round(t1 - t0, 2), "decompress_s": round(t2 - t1, 2),
+            "stream_bytes": sizes}
+
+
 def main() -> None:
     options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["zpaq", "zpaq_o1", "brotli"]
-    result, _ = quant.load_quantized(options.get("quantized", "artifacts/quantize/quantized.safetensors"))
+    files = options.get("quantized", "artifacts/quantize/quantized.safetensors").split(",")
+    layouts, groupings = options.get("layouts", "int8,col").split(","), options.get("streams", "group,type").split(",")
     out = Path(options.get("out", "bench/results/codec_table.json"))
-    streams, _ = pack._streams(result)
-    raws = {n: s.build(pack._layout("int8" if s.codes else "raw"))[0] for n, s in streams.items()}
-    chunks = {n: pack._chunks(raw) for n, raw in raws.items()}
     rows = []
-    for codec in names:
-        jobs = [(codec, c) for cs in chunks.values() for c in cs]
-        t0 = time.perf_counter()
-        packed = pack._compress_all(jobs)
-        t1 = time.perf_counter()
-        pack._in_parallel(lambda j: codecs.decompress(codecs.CODECS[codec].id, j[0], j[1], codec),
-                          [(p, len(c)) for p, (_, c) in zip(packed, jobs)], [len(c) for _, c in jobs])
-        t2 = time.perf_counter()
-        sizes, i = {}, 0
-        for n, cs in chunks.items():
-            sizes[n], i = sum(map(len, packed[i:i + len(cs)])), i + len(cs)
-        codes = sum(v for n, v in sizes.items() if n.startswith("codes."))
-        entropy = sum(codecs.entropy_bytes(raws[n]) for n in raws if n.startswith("codes."))
-        rows.append({"codec": codec, "codes_bytes": codes, "vs_order0": round(codes / entropy - 1, 5),
-                     "total_bytes": sum(sizes.values()), "compress_s": round(t1 - t0, 2),
-                     "decompress_s": round(t2 - t1, 2), "streams": sizes})
-        print(json.dumps(rows[-1]), flush=True)
-        save(out, {"cores": os.cpu_count(), "codes_entropy_bytes": round(entropy)}, rows)
-    print_table(rows, {"codec": "{codec}", "codes bytes": "{codes_bytes:,}", "vs order-0": "{vs_order0:+.3%}",
+    for file in files:
+        result, _ = quant.load_quantized(file)
+        for codec, layout, grouping in itertools.product(names, layouts, groupings):
+            rows.append({"model": Path(file).stem, **measure(result, codec, layout, grouping)})
+            print(json.dumps(rows[-1]), flush=True)
+            save(out, {"cores": os.cpu_count()}, rows)
+    print_table(rows, {"model": "{model}", "codec": "{codec}", "layout": "{layout}", "streams": "{streams}",
+                       "codes bytes": "{codes_bytes:,}", "vs order-0": "{vs_order0:+.3%}",
                        "all streams": "{total_bytes:,}", "compress s": "{compress_s}",
                        "decompress s": "{decompress_s}"})
 

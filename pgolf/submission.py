@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import calibrate, evaluate, pack, quant, runtime, weights
+from . import calibrate, evaluate, pack, quant, reorder, runtime, weights
 from .config import Params, build, check_combinations, check_fields, model_budget
 from .data import load_val, shard_paths
 from .errors import PgolfError
@@ -64,7 +64,8 @@ def train_and_pack(params: Params, data: Path, rt: runtime.Runtime, blob_path: P
         counted = result.metrics["train_seconds"] + (c.seconds if c.reads_training_data else 0.0)
         log(rt, f"calibrate: {c.tokens:,} tokens in {c.seconds:.2f}s; training time counted {counted:.1f}s")
         sizer = pack.Sizer(meta, params.compress)
-        q, qm = quant.quantize(state, c.hessians, c.shared, params.quant, budget, sizer)
+        state, hessians = reorder.REORDERS[params.compress.reorder](state, c.hessians, c.shared)
+        q, qm = quant.quantize(state, hessians, c.shared, params.quant, budget, sizer)
         if sizer.plan is None:
             sizer.plan = pack.plan_for(q, params.compress)
         blob, _ = pack.pack(q, meta, sizer.plan, streams=params.compress.streams)

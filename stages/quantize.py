@@ -2,7 +2,7 @@
 
 import torch
 
-from pgolf import export, pack, paths, quant, stage
+from pgolf import export, pack, paths, quant, reorder, stage
 from pgolf.config import load_params
 from pgolf.errors import PgolfError
 
@@ -11,6 +11,7 @@ def main() -> dict:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
+    state, hessians = reorder.REORDERS[params.compress.reorder](state, hessians, shared)
     budget = export.model_budget(params)
     if budget is not None and budget <= 0:  # before an 11 s search could call it unreachable
         code = params.audit.limit_bytes - budget - params.quant.target_margin
