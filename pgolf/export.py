@@ -35,7 +35,7 @@ S=json.loads(lzma.decompress(base64.b85decode("%s")))
 D=tempfile.mkdtemp(prefix="pgolf-")
 atexit.register(shutil.rmtree,D,True)
 for n,src in S["modules"].items():
- f=os.path.join(D,*n.split("."))+("/__init__.py" if n=="pgolf" else ".py")
+ f=os.path.join(D,*n.split("/"))
  os.makedirs(os.path.dirname(f),exist_ok=True)
  with open(f,"w") as o:o.write(src)
 sys.path.insert(0,D)
@@ -47,12 +47,9 @@ except PgolfError as e:sys.exit("error: %%s"%%e)
 
 
 def embedded_modules(root: Path = deps.ROOT) -> dict[str, str]:
-    """Module name -> source, for everything the submission imports."""
-    out = {}
-    for path in deps.closure(ENTRY, root):
-        name = ".".join(path.with_suffix("").parts)
-        out[name.removesuffix(".__init__")] = (root / path).read_text()
-    return out
+    """Source file (its path in the repository, as the script writes it back) -> source, for everything the
+    submission imports."""
+    return {path.as_posix(): (root / path).read_text() for path in deps.closure(ENTRY, root)}
 
 
 def script(params: Params, root: Path = deps.ROOT) -> bytes:

@@ -15,6 +15,7 @@ from pgolf.quant import (
     Problem,
     apply_pruning,
     clip_absmax,
+    fit,
     fit_target,
     gptq,
     gptq_many,
@@ -125,7 +126,7 @@ def test_a_tighter_clip_offset_stops_at_the_least_error_k():
     """The seeds' k is far above the least-error clip, so tightening it buys precision with bytes; past the
     least-error clip it would cost both, so a rate search that goes that low meets the floor."""
     p = problem("gptq", clip_rule="sdclip", sdclip_k=GroupValues(13, 12, 15, 12.85))
-    floored = p.codes(quant.RATE_OFFSET_RANGE[0])
+    floored = p.codes(fit.RATE_OFFSET_RANGE[0])
     assert {q.k for q in floored.quantized.values()} == {quant.least_error_k(6), quant.least_error_k(8)}
     assert {q.k for q in p.codes(-1.0).quantized.values()} == {6.5, 6.0, 7.5}
 
@@ -366,7 +367,7 @@ def test_a_fit_far_under_the_target_is_searched_again_and_keeps_what_fits():
     target = FakeSizer().exact(p.quantize()) - 3000
     sizer = PessimisticSizer()
     result, info = fit_target(p, target, sizer)
-    assert sizer.sizes[0] < target * (1 - quant.UNDER_SLACK)  # the first check came out far under
+    assert sizer.sizes[0] < target * (1 - fit.UNDER_SLACK)  # the first check came out far under
     assert len(sizer.sizes) == info["codec_checks"] >= 2
     assert abs(sizer.sizes[1] - target) < abs(sizer.sizes[0] - target)  # re-calibrated: closer, either side
     assert info["fitted_bytes"] == max(x for x in sizer.sizes if x <= target)  # over: the one that fit is kept
@@ -388,7 +389,7 @@ def test_a_re_calibrated_search_quantizes_near_the_last_answer_and_never_twice_a
     p.finish = lambda r: rounds.append((of[id(r)], len(offsets))) or finish(r)  # (x checked, quantizations so far)
     fit_target(p, target, PessimisticSizer())
     assert len(rounds) >= 2 and len(set(offsets)) == len(offsets)
-    span = quant.REFINE_SPAN * (quant.RATE_OFFSET_RANGE[1] - quant.RATE_OFFSET_RANGE[0])
+    span = fit.REFINE_SPAN * (fit.RATE_OFFSET_RANGE[1] - fit.RATE_OFFSET_RANGE[0])
     (x1, n1), (_, n2) = rounds[:2]  # the second search: fewer quantizations than the first, all near its answer
     assert 0 < n2 - n1 < n1 and all(abs(v - x1) <= span for v in offsets[n1:n2])
 
@@ -531,13 +532,13 @@ class SlightlyOptimisticSizer:
         self.calibrated = True
 
     def estimate(self, result):
-        return self.true(result) * ((1 - 0.75 * quant.CALIBRATED_MISS) if self.calibrated else 1.03)
+        return self.true(result) * ((1 - 0.75 * fit.CALIBRATED_MISS) if self.calibrated else 1.03)
 
 
 def test_a_calibrated_search_aims_under_the_target_by_the_miss_it_can_have():
     p, sizer = problem("gptq", clip_rule="sdclip"), SlightlyOptimisticSizer()
     target = round(0.98 * sizer.true(p.quantize()))
     _, info = fit_target(p, target, sizer)
-    assert sizer.sizes[0] < target * (1 - quant.UNDER_SLACK)  # far under: searched again, calibrated
-    lowest = target * (1 - quant.CALIBRATED_MISS - quant.FIT_SLACK)
+    assert sizer.sizes[0] < target * (1 - fit.UNDER_SLACK)  # far under: searched again, calibrated
+    lowest = target * (1 - fit.CALIBRATED_MISS - fit.FIT_SLACK)
     assert info["codec_checks"] == 2 and lowest <= sizer.sizes[1] <= target
