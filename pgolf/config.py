@@ -206,6 +206,14 @@ class TTTConfig:
     batch_seqs: int = param(32, ge=1)
     phases: int = param(3, ge=1)  # phased_ttt: the prefix is scored and adapted on in this many phases
     prefix_docs: int = param(2000, ge=1)  # phased_ttt: documents in the prefix
+    # lora_ttt: chunk_tokens targets a chunk (the record: 48), a LoRA per document on these modules
+    lora_targets: list[str] = param(factory=lambda: ["q", "k", "v", "o", "mlp", "head"], choices="pgolf.lora:TARGETS")
+    lora_rank: int = param(80, ge=1)
+    lora_alpha: float = param(144.0, gt=0)  # the delta is scaled by alpha / rank
+    grad_steps: int = param(1, ge=1)  # Adam steps on each chunk once it is scored
+    betas: list[float] = param(factory=lambda: [0.0, 0.999], ge=0, le=1)
+    weight_decay: float = param(0.0, ge=0)
+    batch_docs: int = param(64, ge=1)  # documents adapted at once, longest first
 
 
 @dataclass
@@ -309,6 +317,10 @@ def _registry(ref: str):
 
 
 def _check_field(value: Any, rules: dict, key: str, choices: bool = True) -> None:
+    if isinstance(value, list):  # a list's rule holds for each item
+        for i, item in enumerate(value):
+            _check_field(item, rules, f"{key}[{i}]", choices)
+        return
     if value is None or (isinstance(value, str) and value in rules.get("also", ())):
         return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -382,6 +394,9 @@ def check_combinations(p: Params) -> None:
              f"train.max_seconds: {t.max_seconds} > audit.train_budget_s {p.audit.train_budget_s}: the audit would "
              f"fail the run after training")
     _require(e.stride <= e.seq_len, f"eval.stride: {e.stride} > eval.seq_len {e.seq_len}")
+    _require(len(e.ttt.betas) == 2, f"eval.ttt.betas: {e.ttt.betas}; expected two numbers in [0, 1] (Adam's beta1, beta2)")
+    _require(bool(e.ttt.lora_targets) or e.mode != "lora_ttt",
+             "eval.ttt.lora_targets: empty; lora_ttt needs at least one of q, k, v, o, mlp, head")
     _require(bool(q.clip_percentiles) and all(0 < c <= 1 for c in q.clip_percentiles),
              f"quant.clip_percentiles: {q.clip_percentiles}; expected a non-empty list of fractions in (0, 1]")
     for g in ("attn", "mlp", "embed", "other"):

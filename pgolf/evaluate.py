@@ -1,13 +1,13 @@
 """Eval modes: how the blob is scored on the validation split. One function each, registered in MODES.
 
 `sliding` scores overlapping windows (stride 0: non-overlapping); `ttt` and `phased_ttt` adapt the model on
-targets after scoring them (ttt.py). Each returns the score and a record, counted, of what test-time training
+targets after scoring them (ttt.py); `lora_ttt` scores each document with a LoRA of its own (lora.py). Each returns the score and a record, counted, of what test-time training
 did, for the audit.
 """
 
 import torch
 
-from . import ttt
+from . import lora, ttt
 from .config import EvalConfig
 from .data import ValSplit
 from .model import GPT
@@ -26,6 +26,7 @@ def sliding(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) ->
 MODES.add("sliding", sliding)
 MODES.add("ttt", ttt.chunked_ttt)
 MODES.add("phased_ttt", ttt.phased_ttt)
+MODES.add("lora_ttt", lora.lora_ttt)
 
 
 def evaluate(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) -> tuple[Score, dict]:

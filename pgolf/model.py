@@ -6,6 +6,7 @@ artifact therefore scores, calibrates and quantizes the network that was trained
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,7 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = 0
         self.zero_init = zero_init
+        self.lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> a delta of the output (eval's LoRA TTT)
         if zero_init:
             nn.init.zeros_(self.weight)
 
@@ -74,7 +76,11 @@ class CastedLinear(nn.Linear):
         w = self.effective_weight()
         if out_scale is not None:
             w = w * out_scale[:, None]
-        return F.linear(x, w.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype))
+        if self.lora is not None:  # the adapter sits beside W: scaled as W's output is
+            d = self.lora(x)
+            y = y + (d * out_scale if out_scale is not None else d).to(y.dtype)
+        return y
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,6 +133,9 @@ class Attention(nn.Module):
         # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
         w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
         qkv = F.linear(x, w.to(x.dtype))
+        if self.q.lora or self.k.lora or self.v.lora:
+            qkv = qkv + torch.cat([m.lora(x) if m.lora else x.new_zeros(B, T, m.out_features)
+                                   for m in (self.q, self.k, self.v)], dim=-1).to(qkv.dtype)
         if self.qk_norm and fused_qk.usable(qkv):
             q, k, v = fused_qk.qk_norm_rope(qkv, cos, sin, self.q_gain, self.heads, self.kv_heads)
         else:
@@ -273,6 +282,7 @@ class GPT(nn.Module):
             self.skip_weights = nn.Parameter(torch.ones(n_skips, cfg.dim))
             self.skip_gates = nn.Parameter(torch.zeros(n_skips, cfg.dim)) if cfg.skip_gates else None
         self.lm_head = None if cfg.tied_embed else CastedLinear(cfg.dim, cfg.vocab_size, zero_init=True)
+        self.head_lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # eval's LoRA TTT on the head
         if cfg.ortho_init:  # records' OrthoInit: hidden matrices orthogonal, zero-initialized projections left at 0
             for m in self.modules():
                 if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
@@ -346,9 +356,14 @@ class GPT(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head's raw logits (with eval's LoRA delta while one is attached)."""
+        raw = F.linear(h, self.head_weight().to(h.dtype))
+        return raw + self.head_lora(h).to(raw.dtype) if self.head_lora is not None else raw
+
     def logits(self, idx: torch.Tensor, temperature: float = 1.0, doc_mask: bool | DocMask = False) -> torch.Tensor:
         h = self.hidden(idx, doc_mask)
-        logits = F.linear(h, self.head_weight().to(h.dtype)).float()
+        logits = self.head(h).float()
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
@@ -358,7 +373,7 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy (nats); softcapped, in one fused kernel where Triton runs (fused_ce)."""
         if self.cfg.logit_softcap and fused_ce.usable(idx):
             h = self.hidden(idx, doc_mask)
-            raw = F.linear(h, self.head_weight().to(h.dtype))
+            raw = self.head(h)
             return fused_ce.softcapped_cross_entropy(raw.view(-1, raw.size(-1)), targets.reshape(-1),
                                                      self.cfg.logit_softcap).mean()
         logits = self.logits(idx, doc_mask=doc_mask)

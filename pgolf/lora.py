@@ -1,0 +1,180 @@
+"""Score-first per-document LoRA test-time training (`eval.mode: lora_ttt`, the 1.0611 record's eval).
+
+Each document is scored on its own, from its BOS, in chunks of `eval.ttt.chunk_tokens` targets, each with up to
+`eval.seq_len` tokens of context from inside the document. After a chunk is scored, the document's own rank-r LoRA
+(beside q, k, v, o, the MLP and the head, as `lora_targets` says) takes `grad_steps` Adam steps on it, and the next
+chunk is scored by the adapted model. `batch_docs` documents run at once, longest first, each with its own LoRA
+(batched: A (docs, r, in), B (docs, out, r)); B is zeroed before a document starts, so its LoRA starts as no change,
+while A stays warm across documents (the record's TTT_WARM_START_A). The base model is frozen.
+
+A document ends where the next one's BOS begins: the BOS is the last target of the document before it, predicted from
+that document's context, so the documents' targets cover 1..N-1 once. Before each step the Scorer's ledger says how
+many of the targets about to be trained on were scored; any that were not are counted in
+`val_tokens_trained_before_scored`, which the audit refuses.
+
+Differences from the record: one LoRA per module, shared by the passes of a looped layer (the record keeps one per
+pass); eager (no compile, no length buckets yet).
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import EvalConfig, TTTConfig
+from .data import ValSplit
+from .model import GPT, CastedLinear, autocast
+from .registry import Registry
+from .runtime import all_sum, rank_world
+from .score import Score, Scorer
+
+TARGETS: Registry[Callable[[GPT], list[CastedLinear]]] = Registry("eval.ttt.lora_targets")
+TARGETS.add("q", lambda m: [b.attn.q for b in m.blocks])
+TARGETS.add("k", lambda m: [b.attn.k for b in m.blocks])
+TARGETS.add("v", lambda m: [b.attn.v for b in m.blocks])
+TARGETS.add("o", lambda m: [b.attn.proj for b in m.blocks])
+TARGETS.add("mlp", lambda m: [lin for b in m.blocks for lin in (b.mlp.fc, b.mlp.proj)])
+TARGETS.add("head", lambda m: [])  # the output head is not a CastedLinear when tied: attached as model.head_lora
+
+
+class BatchedLoRA(nn.Module):
+    """A rank-r delta x A^T B^T (alpha / r) for each of `docs` documents; `rows` picks the documents of a batch."""
+
+    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, alpha: float, device: torch.device):
+        super().__init__()
+        bound = 1 / math.sqrt(fan_in)
+        self.A = nn.Parameter(torch.empty(docs, rank, fan_in, device=device).uniform_(-bound, bound))
+        self.B = nn.Parameter(torch.zeros(docs, fan_out, rank, device=device))
+        self.scale = alpha / rank
+        self.rows = torch.arange(docs, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.A[self.rows], self.B[self.rows]
+        return (x @ A.transpose(1, 2).to(x.dtype)) @ B.transpose(1, 2).to(x.dtype) * self.scale
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.B.zero_()
+
+
+def documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each document: inputs start..end-1, targets start+1..end (the next BOS is the last)."""
+    n = tokens.numel()
+    starts = [0] + [int(s) for s in torch.nonzero(tokens == bos_id).flatten() if s > 0]
+    return [(s, e) for s, e in zip(starts, starts[1:] + [n - 1]) if e > s]
+
+
+class LoraTTT:
+    """The LoRAs of a batch of documents, attached to a model, and the score-then-adapt step."""
+
+    def __init__(self, model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device):
+        t: TTTConfig = cfg.ttt
+        self.model, self.val, self.cfg, self.t, self.device = model, val, cfg, t, device
+        self.L = min(cfg.seq_len, val.tokens.numel() - 1)
+        self.scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
+        self.loras: list[BatchedLoRA] = []
+        for name in t.lora_targets:
+            for lin in TARGETS[name](model):
+                lora = BatchedLoRA(t.batch_docs, lin.in_features, lin.out_features, t.lora_rank, t.lora_alpha, device)
+                lin.lora = lora.forward
+                self.loras.append(lora)
+        if "head" in t.lora_targets:
+            vocab, dim = model.head_weight().shape
+            head = BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device)
+            model.head_lora = head.forward
+            self.loras.append(head)
+        self.params = [p for lora in self.loras for p in lora.parameters()]
+        self.trained_early, self.adapted, self.steps = 0, 0, 0
+
+    def detach(self) -> None:
+        for name in self.t.lora_targets:
+            for lin in TARGETS[name](self.model):
+                lin.lora = None
+        self.model.head_lora = None
+
+    def run(self, docs: list[tuple[int, int]]) -> None:
+        """Every document of `docs` scored, chunk by chunk, `batch_docs` at a time, longest first."""
+        docs = sorted(docs, key=lambda d: d[0] - d[1])
+        for i in range(0, len(docs), self.t.batch_docs):
+            batch = docs[i:i + self.t.batch_docs]
+            for lora in self.loras:
+                lora.reset()
+            opt = torch.optim.AdamW(self.params, lr=self.t.lr, betas=tuple(self.t.betas), weight_decay=self.t.weight_decay)
+            C = self.t.chunk_tokens
+            chunks = max(-(-(e - s) // C) for s, e in batch)
+            for j in range(chunks):  # (slot, first target, last target, document start, document end)
+                self.step([(slot, s + 1 + j * C, min(s + (j + 1) * C, e), s, e) for slot, (s, e) in enumerate(batch)
+                           if s + 1 + j * C <= e], opt)
+
+    def _batch(self, active: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+        """Right-padded windows (causal attention keeps the padding out of every real position's context): inputs,
+        targets, the weight of each scored target, and the positions of those targets in the split."""
+        T = max(b - max(start, b - self.L) for _, _, b, start, _ in active)
+        x = torch.zeros(len(active), T, dtype=torch.long)
+        y, keep, pos = torch.zeros_like(x), torch.zeros(len(active), T), torch.zeros_like(x)
+        for r, (_, a, b, start, _) in enumerate(active):
+            ws = max(start, b - self.L)
+            x[r, :b - ws] = self.val.tokens[ws:b]
+            y[r, :b - ws] = self.val.tokens[ws + 1:b + 1]
+            keep[r, a - ws - 1:b - ws] = 1
+            pos[r, :b - ws] = torch.arange(ws + 1, b + 1)
+        return tuple(t.to(self.device) for t in (x, y, keep, pos))
+
+    def step(self, active: list[tuple[int, ...]], opt: torch.optim.Optimizer) -> None:
+        """Score the active documents' chunks, then train each one's LoRA on its chunk (not on a document's last
+        chunk: nothing of it is left to score)."""
+        self.score(active)
+        self.adapt([a for a in active if a[2] < a[4]], opt)
+
+    def _forward(self, active, x, y, temperature: float) -> torch.Tensor:
+        rows = torch.tensor([slot for slot, *_ in active], device=self.device)
+        for lora in self.loras:
+            lora.rows = rows
+        with autocast(self.device):
+            return self.model.token_nll(x, y, temperature).float()
+
+    def score(self, active) -> None:
+        x, y, keep, pos = self._batch(active)
+        self.model.eval()
+        with torch.no_grad():
+            nll = self._forward(active, x, y, self.cfg.temperature).double()
+        self.scorer.counts.index_add_(0, pos.reshape(-1), keep.reshape(-1).int())
+        self.scorer.nll_sum += (nll * keep).sum()
+
+    def adapt(self, active, opt: torch.optim.Optimizer) -> None:
+        if not active:
+            return
+        x, y, keep, pos = self._batch(active)
+        self.trained_early += int(((self.scorer.counts[pos] == 0) & (keep > 0)).sum())
+        self.model.train()
+        for _ in range(self.t.grad_steps):
+            nll = self._forward(active, x, y, 1.0)
+            loss = ((nll * keep).sum(1) / keep.sum(1)).sum()  # each document's mean, for its own LoRA
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        self.adapted += int(keep.sum())
+        self.steps += 1
+        self.model.eval()
+
+    def record(self) -> dict:
+        return {"ttt": "lora", "ttt_units": int(all_sum([self.steps], self.device)[0]),
+                "ttt_tokens_adapted": int(all_sum([self.adapted], self.device)[0]),
+                "val_tokens_trained_before_scored": int(all_sum([self.trained_early], self.device)[0])}
+
+
+def lora_ttt(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) -> tuple[Score, dict]:
+    """Every document scored from its BOS with a LoRA of its own trained on what it has scored so far."""
+    rank, world = rank_world()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    ttt = LoraTTT(model, val, cfg, device)
+    try:
+        ttt.run(documents(val.tokens, model.cfg.bos_id)[rank::world])
+    finally:
+        ttt.detach()
+        for p in frozen:
+            p.requires_grad_(True)
+    return ttt.scorer.finish("eval"), ttt.record()

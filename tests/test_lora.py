@@ -1,0 +1,96 @@
+"""eval.mode lora_ttt: each document scored from its BOS, chunk by chunk, with a LoRA of its own trained on what it
+has scored; the ledger catches any training on a target not yet scored."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_eval import evidence
+from test_model import randomized
+
+from pgolf import audit, lora
+from pgolf.config import AuditConfig, EvalConfig, TTTConfig, load_params
+from pgolf.data import ValSplit
+from pgolf.errors import PgolfError
+from pgolf.evaluate import evaluate
+from pgolf.model import GPT
+
+BOS = 0
+CPU = torch.device("cpu")
+
+
+def repeating_documents(n_docs: int = 6, period: int = 30, repeats: int = 5) -> ValSplit:
+    """Documents that each repeat a random phrase of their own: what a document's LoRA can learn as it goes."""
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.cat([torch.tensor([BOS]), torch.randint(1, 64, (period,), generator=g).repeat(repeats)])
+            for _ in range(n_docs)]
+    tokens = torch.cat(docs)
+    return ValSplit(tokens, torch.ones_like(tokens))
+
+
+def lora_cfg(**ttt) -> EvalConfig:
+    t = dict(chunk_tokens=16, lora_rank=4, lora_alpha=8.0, lr=0.01, batch_docs=4, grad_steps=2) | ttt
+    return EvalConfig(mode="lora_ttt", seq_len=64, doc_mask=True, ttt=TTTConfig(**t))
+
+
+def test_documents_partition_the_targets_with_each_bos_closing_the_document_before_it():
+    tokens = torch.tensor([0, 5, 6, 0, 7, 0, 0, 8, 9])
+    assert lora.documents(tokens, 0) == [(0, 3), (3, 5), (5, 6), (6, 8)]  # targets 1-3, 4-5, 6, 7-8
+    assert lora.documents(torch.tensor([4, 5, 0, 6]), 0) == [(0, 2), (2, 3)]  # a split that starts mid-document
+
+
+def test_lora_ttt_learns_each_document_as_it_scores_it_and_covers_every_target_once():
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    val = repeating_documents()
+    sliding, _ = evaluate(model, val, EvalConfig(mode="sliding", seq_len=64, doc_mask=True), CPU)
+    got, record = evaluate(model, val, lora_cfg(), CPU)
+    assert got.tokens == sliding.tokens == val.tokens.numel() - 1  # Scorer.finish checked each target once
+    assert got.bpb < 0.8 * sliding.bpb, (got.bpb, sliding.bpb)
+    assert record["ttt"] == "lora" and record["val_tokens_trained_before_scored"] == 0 and record["ttt_tokens_adapted"] > 0
+    assert all(lin.lora is None for b in model.blocks for lin in (b.attn.q, b.mlp.fc)) and model.head_lora is None
+    assert all(p.requires_grad for p in model.parameters())  # the base model was frozen only while it ran
+
+
+def test_an_untrained_lora_changes_nothing_each_document_scored_from_its_bos():
+    """lr 0: B stays zero, so the score is the base model's on each document alone (chunks, padding and context
+    assembled right)."""
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    val = repeating_documents(n_docs=3, period=20, repeats=3)
+    got, _ = evaluate(model, val, lora_cfg(lr=0.0, chunk_tokens=7), CPU)
+    expected = 0.0
+    with torch.no_grad():
+        for s, e in lora.documents(val.tokens, BOS):
+            doc = val.tokens[s:e + 1]
+            expected += float(model.token_nll(doc[None, :-1], doc[None, 1:]).double().sum())
+    assert got.nll_sum == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_run(monkeypatch):
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    val = repeating_documents()
+    _, fair = evaluate(model, val, lora_cfg(), CPU)
+    assert fair["val_tokens_trained_before_scored"] == 0
+
+    def adapt_first(self, active, opt):  # the order broken on purpose: each chunk trained on, then scored
+        self.adapt([a for a in active if a[2] < a[4]], opt)
+        self.score(active)
+
+    monkeypatch.setattr(lora.LoraTTT, "step", adapt_first)
+    _, broken = evaluate(model, val, lora_cfg(), CPU)
+    assert broken["val_tokens_trained_before_scored"] == broken["ttt_tokens_adapted"] > 0
+    report = audit.check(evidence(val_tokens_trained_before_scored=broken["val_tokens_trained_before_scored"],
+                                  ttt="lora"), AuditConfig())
+    assert not report["passed"] and report["failures"][0].startswith("legality")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("lora_targets: [q, attn]", r"eval.ttt.lora_targets\[1\]: 'attn'; expected one of q, k, v, o, mlp, head"),
+    ("lora_targets: []", r"eval.ttt.lora_targets: empty; lora_ttt needs at least one of"),
+    ("betas: [0.9]", r"eval.ttt.betas: \[0.9\]; expected two numbers"),
+    ("betas: [0.9, 1.5]", r"eval.ttt.betas\[1\]: 1.5; expected <= 1"),
+])
+def test_a_bad_lora_setting_is_one_line(tmp_path, yaml_text, message):
+    text = open("params.yaml").read().replace("eval:\n", f"eval:\n  mode: lora_ttt\n  ttt:\n    {yaml_text}\n", 1)
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(PgolfError, match=message):
+        load_params(p)
