@@ -7,6 +7,12 @@ chunk is scored by the adapted model. `batch_docs` documents run at once, longes
 (batched: A (docs, r, in), B (docs, out, r)); B is zeroed before a document starts, so its LoRA starts as no change,
 while A stays warm across documents (the record's TTT_WARM_START_A). The base model is frozen.
 
+Phased global SGD (`global_lr` > 0), as the record runs it with the LoRAs: the `prefix_docs` longest documents are
+scored first; each time the next of `phases` equal parts of them has been scored, the base model takes one SGD step
+per `global_chunk_tokens` of all prefix documents scored so far (their tokens back to back, rows of `eval.seq_len`,
+document-masked; a cosine LR inside the phase; the last chunk skipped, as the record does), and the documents after
+it are scored by the updated model with fresh LoRAs.
+
 A document ends where the next one's BOS begins: the BOS is the last target of the document before it, predicted from
 that document's context, so the documents' targets cover 1..N-1 once. Before each step the Scorer's ledger says how
 many of the targets about to be trained on were scored; any that were not are counted in
@@ -20,6 +26,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import EvalConfig, TTTConfig
@@ -73,39 +80,47 @@ class LoraTTT:
         self.model, self.val, self.cfg, self.t, self.device = model, val, cfg, t, device
         self.L = min(cfg.seq_len, val.tokens.numel() - 1)
         self.scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
-        self.loras: list[BatchedLoRA] = []
-        for name in t.lora_targets:
-            for lin in TARGETS[name](model):
-                lora = BatchedLoRA(t.batch_docs, lin.in_features, lin.out_features, t.lora_rank, t.lora_alpha, device)
-                lin.lora = lora.forward
-                self.loras.append(lora)
+        self.linears = [lin for name in t.lora_targets for lin in TARGETS[name](model)]
+        self.loras = [BatchedLoRA(t.batch_docs, lin.in_features, lin.out_features, t.lora_rank, t.lora_alpha, device)
+                      for lin in self.linears]
         if "head" in t.lora_targets:
             vocab, dim = model.head_weight().shape
-            head = BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device)
-            model.head_lora = head.forward
-            self.loras.append(head)
+            self.loras.append(BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device))
         self.params = [p for lora in self.loras for p in lora.parameters()]
-        self.trained_early, self.adapted, self.steps = 0, 0, 0
+        self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
 
-    def detach(self) -> None:
-        for name in self.t.lora_targets:
-            for lin in TARGETS[name](self.model):
-                lin.lora = None
-        self.model.head_lora = None
+    def attach(self, on: bool = True) -> None:
+        """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
+        for lin, lora in zip(self.linears, self.loras):
+            lin.lora = lora.forward if on else None
+        head = "head" in self.t.lora_targets
+        self.model.head_lora = self.loras[-1].forward if on and head else None
 
     def run(self, docs: list[tuple[int, int]]) -> None:
-        """Every document of `docs` scored, chunk by chunk, `batch_docs` at a time, longest first."""
-        docs = sorted(docs, key=lambda d: d[0] - d[1])
-        for i in range(0, len(docs), self.t.batch_docs):
-            batch = docs[i:i + self.t.batch_docs]
-            for lora in self.loras:
-                lora.reset()
-            opt = torch.optim.AdamW(self.params, lr=self.t.lr, betas=tuple(self.t.betas), weight_decay=self.t.weight_decay)
-            C = self.t.chunk_tokens
-            chunks = max(-(-(e - s) // C) for s, e in batch)
-            for j in range(chunks):  # (slot, first target, last target, document start, document end)
-                self.step([(slot, s + 1 + j * C, min(s + (j + 1) * C, e), s, e) for slot, (s, e) in enumerate(batch)
-                           if s + 1 + j * C <= e], opt)
+        """Every document scored, chunk by chunk, `batch_docs` at a time on each rank, longest first (rank r takes
+        every world-th document); the global SGD phases between batches, at the same batch on every rank."""
+        rank, world = rank_world()
+        docs = sorted(docs, key=lambda d: (d[0] - d[1], d[0]))
+        mine, per_batch = docs[rank::world], self.t.batch_docs * world
+        prefix = min(self.t.prefix_docs, len(docs)) if self.t.global_lr > 0 else 0
+        bounds = [prefix * (k + 1) // self.t.phases for k in range(self.t.phases)] if prefix else []
+        for i in range(-(-len(docs) // per_batch)):
+            self.batch(mine[i * self.t.batch_docs:(i + 1) * self.t.batch_docs])
+            scored = min((i + 1) * per_batch, len(docs))  # on every rank, once all have done batch i
+            while bounds and scored >= bounds[0]:
+                self.global_phase(docs[:bounds.pop(0)])
+
+    def batch(self, batch: list[tuple[int, int]]) -> None:
+        """A batch of documents, each from a zeroed B (no change), chunk by chunk."""
+        if not batch:
+            return
+        for lora in self.loras:
+            lora.reset()
+        opt = torch.optim.AdamW(self.params, lr=self.t.lr, betas=tuple(self.t.betas), weight_decay=self.t.weight_decay)
+        C = self.t.chunk_tokens
+        for j in range(max(-(-(e - s) // C) for s, e in batch)):  # (slot, first/last target, document start/end)
+            self.step([(slot, s + 1 + j * C, min(s + (j + 1) * C, e), s, e) for slot, (s, e) in enumerate(batch)
+                       if s + 1 + j * C <= e], opt)
 
     def _batch(self, active: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
         """Right-padded windows (causal attention keeps the padding out of every real position's context): inputs,
@@ -158,23 +173,74 @@ class LoraTTT:
         self.steps += 1
         self.model.eval()
 
+    def global_phase(self, docs: list[tuple[int, int]]) -> None:
+        """SGD on the base model over `docs` (all scored), one step per global_chunk_tokens, cosine over the chunks;
+        each rank takes its share of a chunk's rows and the gradients are averaged. Fresh LoRAs follow (A too)."""
+        rank, world = rank_world()
+        counts = self.scorer.counts.clone()
+        if world > 1:
+            dist.all_reduce(counts)  # scored anywhere: each rank scored its own documents
+        docs = sorted(docs)
+        xs = torch.cat([self.val.tokens[s:e] for s, e in docs])  # each document's inputs and targets, back to back
+        ys = torch.cat([self.val.tokens[s + 1:e + 1] for s, e in docs])
+        positions = torch.cat([torch.arange(s + 1, e + 1) for s, e in docs]).to(self.device)
+        L, C = self.L, self.t.global_chunk_tokens
+        chunks = -(-xs.numel() // C)
+        params = list(self.model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        self.attach(False)
+        opt = torch.optim.SGD(params, lr=self.t.global_lr, momentum=self.t.momentum)
+        self.model.train()
+        for c in range(chunks - 1):  # the last chunk is skipped, as the record's loop does
+            rows = (min((c + 1) * C, xs.numel()) - c * C) // L
+            a, b = c * C + rows * rank // world * L, c * C + rows * (rank + 1) // world * L
+            for g in opt.param_groups:
+                g["lr"] = self.t.global_lr * 0.5 * (1 + math.cos(math.pi * c / max(chunks - 1, 1)))
+            opt.zero_grad(set_to_none=True)
+            if b > a:
+                x, y = xs[a:b].view(-1, L).to(self.device), ys[a:b].view(-1, L).to(self.device)
+                self.trained_early += int((counts[positions[a:b]] == 0).sum())
+                with autocast(self.device):
+                    loss = self.model.token_nll(x, y, doc_mask=True).float().mean()
+                loss.backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if world > 1:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
+            if self.t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
+            opt.step()
+            self.global_steps += 1
+        for p in params:
+            p.requires_grad_(False)
+        self.model.eval()
+        self.attach()
+        with torch.no_grad():
+            for lora in self.loras:
+                bound = 1 / math.sqrt(lora.A.size(2))
+                lora.A.uniform_(-bound, bound)
+
     def record(self) -> dict:
-        return {"ttt": "lora", "ttt_units": int(all_sum([self.steps], self.device)[0]),
+        return {"ttt": "lora" + ("+global_sgd" if self.global_steps else ""),
+                "ttt_global_steps": self.global_steps, "ttt_units": int(all_sum([self.steps], self.device)[0]),
                 "ttt_tokens_adapted": int(all_sum([self.adapted], self.device)[0]),
                 "val_tokens_trained_before_scored": int(all_sum([self.trained_early], self.device)[0])}
 
 
 def lora_ttt(model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device) -> tuple[Score, dict]:
     """Every document scored from its BOS with a LoRA of its own trained on what it has scored so far."""
-    rank, world = rank_world()
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     ttt = LoraTTT(model, val, cfg, device)
+    ttt.attach()
     try:
-        ttt.run(documents(val.tokens, model.cfg.bos_id)[rank::world])
+        ttt.run(documents(val.tokens, model.cfg.bos_id))
     finally:
-        ttt.detach()
+        ttt.attach(False)
         for p in frozen:
             p.requires_grad_(True)
     return ttt.scorer.finish("eval"), ttt.record()

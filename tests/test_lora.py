@@ -1,6 +1,8 @@
 """eval.mode lora_ttt: each document scored from its BOS, chunk by chunk, with a LoRA of its own trained on what it
 has scored; the ledger catches any training on a target not yet scored."""
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -80,6 +82,48 @@ def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_r
     report = audit.check(evidence(val_tokens_trained_before_scored=broken["val_tokens_trained_before_scored"],
                                   ttt="lora"), AuditConfig())
     assert not report["passed"] and report["failures"][0].startswith("legality")
+
+
+def shared_phrase_documents() -> ValSplit:
+    """Twelve documents built from one phrase they all share and a few tokens of their own; every third is longer."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(1, 64, (24,), generator=g)
+    docs = []
+    for d in range(12):
+        own = torch.randint(1, 64, (8,), generator=g)
+        docs.append(torch.cat([torch.tensor([BOS]), torch.cat([shared, own]).repeat(6 if d % 3 == 0 else 2)]))
+    tokens = torch.cat(docs)
+    return ValSplit(tokens, torch.ones_like(tokens))
+
+
+def global_cfg(global_lr: float) -> EvalConfig:
+    return EvalConfig(mode="lora_ttt", seq_len=32, ttt=TTTConfig(
+        chunk_tokens=16, lora_rank=4, lora_alpha=8.0, lr=0.003, batch_docs=2, global_lr=global_lr, prefix_docs=4,
+        phases=2, global_chunk_tokens=64, momentum=0.9))
+
+
+def test_phased_global_sgd_learns_what_the_longest_documents_share_for_the_documents_after_them():
+    val = shared_phrase_documents()
+    base = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    lora_only, _ = evaluate(copy.deepcopy(base), val, global_cfg(0.0), CPU)
+    both, record = evaluate(copy.deepcopy(base), val, global_cfg(1.0), CPU)
+    assert both.tokens == lora_only.tokens and both.bpb < 0.8 * lora_only.bpb, (both.bpb, lora_only.bpb)
+    assert record["ttt"] == "lora+global_sgd" and record["val_tokens_trained_before_scored"] == 0
+    # the prefix: the 4 longest documents, in 2 phases of all prefix documents scored so far; one step per 64
+    # tokens of them, the last chunk of each phase skipped
+    longest = sorted(lora.documents(val.tokens, BOS), key=lambda d: (d[0] - d[1], d[0]))[:4]
+    tokens = [sum(e - s for s, e in longest[:2]), sum(e - s for s, e in longest)]
+    assert record["ttt_global_steps"] == sum(-(-n // 64) - 1 for n in tokens)
+
+
+def test_global_sgd_on_documents_not_yet_scored_is_counted():
+    val = shared_phrase_documents()
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    ttt = lora.LoraTTT(model, val, global_cfg(1.0), CPU)
+    docs = lora.documents(val.tokens, BOS)[:3]
+    ttt.global_phase(docs)  # nothing scored: every target of every chunk trained on counts
+    trained = sum(e - s for s, e in docs)
+    assert ttt.trained_early == (-(-trained // 64) - 1) * 64 > 0
 
 
 @pytest.mark.parametrize("yaml_text, message", [
