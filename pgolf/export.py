@@ -81,8 +81,14 @@ def widest(params: Params) -> Params:
 
 def model_budget(params: Params) -> int | None:
     """quant.target_bytes resolved against this run's train_gpt.py with the longest export texts: a name or author
-    changed after the fit (export reruns, quantize does not) cannot push the artifact over the limit."""
-    return config.model_budget(params, script_bytes(widest(params)))
+    changed after the fit (export reruns, quantize does not) cannot push the artifact over the limit. A limit that
+    leaves the model no room is one line (the check stage asks before any training)."""
+    budget = config.model_budget(params, script_bytes(widest(params)))
+    if budget is not None and budget <= 0:
+        code = params.audit.limit_bytes - budget - params.quant.target_margin
+        raise PgolfError(f"audit.limit_bytes: {params.audit.limit_bytes:,} leaves no room for the model: train_gpt.py "
+                         f"takes up to {code:,} bytes, plus quant.target_margin {params.quant.target_margin:,}")
+    return budget
 
 
 TECHNIQUES = [  # (what is on, how to say it)

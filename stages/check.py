@@ -5,7 +5,7 @@ A stage of its own so that any edit of params.yaml, even one no stage reads (a m
 
 from pathlib import Path
 
-from pgolf import corpus, data, paths, stage
+from pgolf import corpus, data, export, paths, stage
 from pgolf.config import load_params
 from pgolf.errors import PgolfError
 from pgolf.io import write_json
@@ -21,6 +21,7 @@ def main() -> None:
     if d.source == "fineweb" and d.fineweb_mirror and not Path(d.fineweb_mirror).is_dir():
         raise PgolfError(f"data.fineweb_mirror: {d.fineweb_mirror} is not a folder")
     corpus.SOURCES.lookup(d.source, "data.source")
+    export.model_budget(params)  # a limit that leaves the model no room, before hours of training
     write_json(paths.CHECKED, {"params.yaml": "valid"})  # constant: a valid edit invalidates no stage
     print("check: params.yaml is valid")
 

@@ -4,7 +4,6 @@ import torch
 
 from pgolf import export, pack, paths, quant, reorder, stage
 from pgolf.config import load_params
-from pgolf.errors import PgolfError
 
 
 def main() -> dict:
@@ -13,10 +12,6 @@ def main() -> dict:
     state, hessians, shared, model_meta = quant.load_inputs(device)
     state, hessians = reorder.REORDERS[params.compress.reorder](state, hessians, shared)
     budget = export.model_budget(params)
-    if budget is not None and budget <= 0:  # before an 11 s search could call it unreachable
-        code = params.audit.limit_bytes - budget - params.quant.target_margin
-        raise PgolfError(f"audit.limit_bytes: {params.audit.limit_bytes:,} leaves no room for the model: train_gpt.py "
-                         f"takes up to {code:,} bytes, plus quant.target_margin {params.quant.target_margin:,}")
     sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
     result, metrics = quant.quantize(state, hessians, shared, params.quant, budget, sizer,
                                     log=lambda line: print(line, flush=True))

@@ -251,9 +251,16 @@ def test_quantize_names_the_real_cause_nan_weights_or_a_limit_below_the_script(t
     from pgolf.checkpoint import load_tensors, save_tensors
 
     d = stage_dir(tmp_path, "q", {"iterations": 4})
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["audit"]["limit_bytes"] = 16_000
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    p = subprocess.run([sys.executable, "-m", "stages.check"], cwd=d, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.strip().startswith(  # the check stage, before any training
+        "error: check: audit.limit_bytes: 16,000 leaves no room for the model: train_gpt.py takes up to "), p.stderr
+    params["audit"]["limit_bytes"] = 16_000_000
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in ("train", "ema", "calibrate"):
         run([sys.executable, "-m", f"stages.{stage}"], d)
-    params = yaml.safe_load((d / "params.yaml").read_text())
     params["audit"]["limit_bytes"] = 16_000
     (d / "params.yaml").write_text(yaml.safe_dump(params))
     p = subprocess.run([sys.executable, "-m", "stages.quantize"], cwd=d, capture_output=True, text=True)
