@@ -27,8 +27,8 @@ def rows(show: list[dict]) -> list[dict]:
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
         quant = params.get("quant", {})
         bits = quant.get("bits", {})
-        row = {"name": name, "rev": rev.get("rev") or data.get("rev"), "method": quant.get("method"), "lqer": quant.get("lqer_rank"),
-               "bits": "/".join(str(bits.get(g, "?")) for g in ("attn", "mlp", "embed", "other")),
+        row = {"name": name, "rev": rev.get("rev") or data.get("rev"), "method": quant.get("method"),
+               "lqer": quant.get("lqer_rank"), "bits": "/".join(str(bits.get(g, "?")) for g in ("attn", "mlp", "embed", "other")),
                "error": None}
         error = rev.get("error") or data.get("error")
         if error:

@@ -83,9 +83,11 @@ class LoraTTT:
         self.linears = [lin for name in t.lora_targets for lin in TARGETS[name](model)]
         self.loras = [BatchedLoRA(t.batch_docs, lin.in_features, lin.out_features, t.lora_rank, t.lora_alpha, device)
                       for lin in self.linears]
+        self.head = None
         if "head" in t.lora_targets:
             vocab, dim = model.head_weight().shape
-            self.loras.append(BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device))
+            self.head = BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device)
+            self.loras.append(self.head)
         self.params = [p for lora in self.loras for p in lora.parameters()]
         self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
 
@@ -93,8 +95,7 @@ class LoraTTT:
         """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
         for lin, lora in zip(self.linears, self.loras):
             lin.lora = lora.forward if on else None
-        head = "head" in self.t.lora_targets
-        self.model.head_lora = self.loras[-1].forward if on and head else None
+        self.model.head_lora = self.head.forward if on and self.head is not None else None
 
     def run(self, docs: list[tuple[int, int]]) -> None:
         """Every document scored, chunk by chunk, `batch_docs` at a time on each rank, longest first (rank r takes

@@ -134,7 +134,8 @@ _TYPE_PARTS = {".attn.q.": "q", ".attn.k.": "k", ".attn.v.": "v", ".attn.proj.":
 
 def matrix_type(name: str) -> str:
     """q, k, v, o, fc, proj, embed or other: what a matrix is, for a code stream of each type."""
-    return next((t for part, t in _TYPE_PARTS.items() if part in name), "embed" if group_of(name) == "embed" else "other")
+    other = "embed" if group_of(name) == "embed" else "other"
+    return next((t for part, t in _TYPE_PARTS.items() if part in name), other)
 
 
 # compress.streams: which code stream a tensor's codes go to; `type` keeps one distribution per stream
@@ -274,7 +275,7 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
     the trials of the slowest codecs are the plan's time. A pair within `slack` bytes of the smallest that decodes
     faster is taken instead (ZPAQ's level 5 takes seconds a MiB, both ways, for a fraction of a percent). `streams`
     is compress.streams: how tensors' codes are grouped into streams."""
-    streams = {n: s for n, s in _streams(result, streams)[0].items() if names is None or n in names}
+    planned = {n: s for n, s in _streams(result, streams)[0].items() if names is None or n in names}
     codec_names = _allowed(codec, codecs.CODECS, "compress.codec")
     layout_names = _allowed(layout, LAYOUTS, "compress.layout")
     plan: dict[str, dict] = {}
@@ -289,9 +290,9 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
         for entry in plan.values():
             entry["codec"], entry["layout"], entry["estimate"] = _choose(entry["trials"], slack)
 
-    layouts = {n: layout_names if s.codes else ["raw"] for n, s in streams.items()}
-    trial([(s, layouts[n][0], codec_names) for n, s in streams.items()])
-    trial([(s, lay, [plan[n]["codec"]]) for n, s in streams.items() for lay in layouts[n][1:]])
+    layouts = {n: layout_names if s.codes else ["raw"] for n, s in planned.items()}
+    trial([(s, layouts[n][0], codec_names) for n, s in planned.items()])
+    trial([(s, lay, [plan[n]["codec"]]) for n, s in planned.items() for lay in layouts[n][1:]])
     return plan
 
 
@@ -300,9 +301,9 @@ def plan_for(result: QuantResult, cfg: CompressConfig, names: set[str] | None = 
     return plan_streams(result, cfg.codec, cfg.layout, names, cfg.auto_slack_bytes, cfg.streams)
 
 
-def _layouts(result: QuantResult, plan: dict[str, dict], streams: str) -> tuple[list[str], dict, list[dict]]:
+def _layouts(result: QuantResult, plan: dict[str, dict], grouping: str) -> tuple[list[str], dict, list[dict]]:
     """The streams in order, each one's bytes in its planned layout, and the tensor entries pointing into them."""
-    streams, entries = _streams(result, streams)
+    streams, entries = _streams(result, grouping)
     if set(streams) - set(plan):
         raise PgolfError(f"no codec plan for stream(s) {sorted(set(streams) - set(plan))}")
     raws, spans = {}, {}

@@ -30,7 +30,7 @@ def main() -> dict:
             estimates[codec] = estimates.get(codec, 0) + size
     return {"blob_bytes": len(blob), "seconds": round(seconds, 3),
             "codes_bytes": sum(report[n]["packed"] for n in codes),
-            "codes_entropy_bytes": round(sum(pack.code_entropy(result).values())),
+            "codes_entropy_bytes": round(sum(pack.code_entropy(result, cfg.streams).values())),
             **{f"codes_bytes_est_{c}": v for c, v in sorted(estimates.items())}}
 
 
