@@ -4,7 +4,8 @@
 
 The record script comes from openai/parameter-golf (records/track_10min_16mb/<date>_<name>/train_gpt.py; fetched and
 carried, never committed) and runs unmodified: bench/standin/ stands in for FlashAttention-3 where it does not
-install. DIR is a CaseOps mirror written by `pgolf mirror --caseops --tokenizer <the record's model>`; the record reads
+install (PyTorch's FlashAttention-2 varlen kernels; pgolf's side takes the same kernel, its `varlen` backend, unless
+--pgolf-attention flex: the ratio then compares everything but the attention kernel). DIR is a CaseOps mirror written by `pgolf mirror --caseops --tokenizer <the record's model>`; the record reads
 its dataset folder (DATA_PATH, with the val_bytes sidecars) and tokenizer, pgolf's trainer the same shards. Both run
 --steps steps with no wallclock cap (the schedule, the loop switch at 35 % and the warmdown keyed to steps), one after
 the other in their own processes. Prints one table: train loss every 25 steps side by side, the mean over the last 100
@@ -18,7 +19,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -58,16 +58,12 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
     data, tok = dataset(mirror)
     env = {**os.environ, **RECORD_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "ITERATIONS": str(steps),
            "TRAIN_BATCH_TOKENS": str(batch_tokens), "TRAIN_LOG_EVERY": str(LOG_EVERY), "SEED": str(seed),
-           "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1", "STANDIN_TIMING": "1",
+           "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "standin"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=log.parent)
-    def stop():  # SIGINT first: the stand-in reports its timing at exit
-        proc.send_signal(signal.SIGINT)
-        threading.Timer(20, proc.kill).start()
-
-    timer = threading.Timer(timeout_s, stop)
+    timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
     lines = []
     with open(log, "w") as f:
@@ -94,16 +90,19 @@ def parse_record(out: str, steps: int, batch_tokens: int) -> dict:
     raw = re.search(rf"^{steps}/{steps} val_loss: ([\d.]+) val_bpb: ([\d.]+)", out, re.M)
     ema = re.search(r"pre-quantization post-ema val_loss:([\d.]+) val_bpb:([\d.]+)", out)
     mem = re.search(r"peak memory allocated: (\d+) MiB", out)
-    standin = re.search(r"^standin: .*", out, re.M)
     return {"trace": trace, "val_bpb_raw": float(raw[2]) if raw else float("nan"),
             "val_bpb_ema": float(ema[2]) if ema else float("nan"),
-            "peak_memory_gib": int(mem[1]) / 1024 if mem else float("nan"), "finished": ema is not None,
-            "standin": standin[0] if standin else None}
+            "peak_memory_gib": int(mem[1]) / 1024 if mem else float("nan"), "finished": ema is not None}
 
 
-def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: int) -> dict:
-    """pgolf's trainer on the mirror's shards with the preset's model and schedule; in this process."""
-    from pgolf import runtime
+def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: int, save: Path | None,
+              doc_attention: str) -> dict:
+    """pgolf's trainer on the mirror's shards with the preset's model and schedule, its document masks through
+    `doc_attention` (a pgolf.attention backend); in this process. With `save`, the trained weights (EMA) go there for
+    bench/eval_modes.py."""
+    import torch
+
+    from pgolf import attention, runtime
     from pgolf.calibrate import calibrate
     from pgolf.config import load_params
     from pgolf.data import load_val
@@ -111,6 +110,7 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
     from pgolf.score import score
     from pgolf.train import Trainer
 
+    attention.default_backend = lambda device: doc_attention if device.type == "cuda" else "dense"
     params = load_params(preset)
     cfg = replace(params.train, iterations=steps, max_seconds=0, calibration_reserve_s=0, batch_tokens=batch_tokens,
                   micro_batch_tokens=batch_tokens // 8, seed=seed, log_every=LOG_EVERY, val_every=0,
@@ -138,7 +138,10 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
         model.passes = result.passes
         bpb[name] = score(model, val, cfg.seq_len, 0, 32, device=rt.device, doc_mask=True).bpb
     c = calibrate(model, params.calibrate, data, rt.device)  # the preset's calibration, counted in the train budget
-    return {"trace": trace, "val_bpb_raw": bpb["raw"], "val_bpb_ema": bpb["ema"],
+    if save:
+        torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "passes": result.passes,
+                    "steps": steps, "batch_tokens": batch_tokens, "preset": str(preset)}, save)
+    return {"trace": trace, "doc_attention": doc_attention, "val_bpb_raw": bpb["raw"], "val_bpb_ema": bpb["ema"],
             "peak_memory_gib": result.metrics["peak_memory_gib"], "compile_s": result.metrics["compile_seconds"],
             "calibrate_s": round(c.seconds, 2), "calibrate_tokens": c.tokens, "wall_s": time.perf_counter() - t0}
 
@@ -184,8 +187,8 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict
         row(f"ms/step, {phase}", a["phases"][phase]["ms_per_step"], b["phases"][phase]["ms_per_step"], "{:.1f}")
         row(f"tokens/s, {phase}", a["phases"][phase]["tokens_per_s"], b["phases"][phase]["tokens_per_s"], "{:,}")
     row("peak memory GiB", a["peak_memory_gib"], b["peak_memory_gib"], "{:.2f}")
-    lines += ["", f"record side, the FA3 stand-in's own cost: {a.get('standin')}",
-              "val bpb: the record scores whole batches of 32 sequences of its val split (its eval truncates); pgolf "
+    lines += ["", "attention: the record's FlashAttention-2 varlen kernels (PyTorch's) through the FA3 stand-in; pgolf's "
+              f"{pg.get('doc_attention', '?')}", "val bpb: the record scores whole batches of 32 sequences of its val split (its eval truncates); pgolf "
               "every target, document-masked windows of 2048"]
     ratio = min(b["phases"][p]["tokens_per_s"] / a["phases"][p]["tokens_per_s"] for p in PHASES)
     return "\n".join(lines), {"record": a, "pgolf": b, "tokens_per_s_ratio_min": round(ratio, 4),
@@ -203,15 +206,18 @@ def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
     rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
                      work / "record_parity_record.log", args.budget_s)
     print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped)"), flush=True)
-    p = subprocess.run([sys.executable, __file__, "--side", "pgolf", "--mirror", str(args.mirror), "--preset",
-                        str(args.preset), "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
-                        "--seed", str(args.seed)], capture_output=True, text=True)
-    (work / "record_parity_pgolf.log").write_text(p.stdout + p.stderr)
-    if p.returncode:
-        print(f"pgolf side failed ({p.returncode}):\n{p.stderr[-1500:]}", flush=True)
+    cmd = [sys.executable, __file__, "--side", "pgolf", "--mirror", str(args.mirror), "--preset", str(args.preset),
+           "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed),
+           "--pgolf-attention", args.pgolf_attention]
+    log = work / "record_parity_pgolf.log"
+    with open(log, "w") as f:  # streamed: a side cut by the call's limit still leaves its log
+        code = subprocess.run(cmd + (["--save", str(args.save)] if args.save else []), stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+    if code:
+        print(f"pgolf side failed ({code}):\n{log.read_text()[-1500:]}", flush=True)
         return rec, {"trace": [], "val_bpb_raw": float("nan"), "val_bpb_ema": float("nan"),
                      "peak_memory_gib": float("nan")}
-    pg = pgolf_result(p.stdout)
+    pg = pgolf_result(log.read_text())
     print(f"pgolf: {pg['wall_s']:.0f} s", flush=True)
     return rec, pg
 
@@ -227,6 +233,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("record_parity.json"))
     ap.add_argument("--results", type=Path, help="also record the table under record_parity in this results file")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop the record script after this many seconds")
+    ap.add_argument("--pgolf-attention", choices=("varlen", "flex"), default="varlen",
+                    help="pgolf's document-masked attention: the stand-in's kernel (varlen), or its default (flex)")
+    ap.add_argument("--save", type=Path, help="write pgolf's trained weights here (bench/eval_modes.py reads them)")
     ap.add_argument("--record-log", type=Path, help="no run: the record side from a log run_record wrote ...")
     ap.add_argument("--pgolf-log", type=Path, help="... and the pgolf side from the output of --side pgolf")
     ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
@@ -234,7 +243,8 @@ def main() -> None:
     if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
         ap.error("to run: --mirror, and --record (or --record-log and --pgolf-log to table saved runs)")
     if args.side == "pgolf":
-        print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed)))
+        print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed,
+                                                     args.save, args.pgolf_attention)))
         return
     if args.record_log and args.pgolf_log:  # the two sides run in separate device calls, tabled here
         rec = parse_record(args.record_log.read_text(), args.steps, args.batch_tokens)

@@ -5,11 +5,16 @@ and at the start of a row), as the records train since 2026-04-10 (FlashAttentio
 every BOS). Backends, picked by what the host has:
 - `fa3`: FlashAttention-3 (`flash_attn_interface`), rows flattened into one packed sequence cut at cu_seqlens;
 - `flex`: FlexAttention with a block mask (CUDA without FA3): blocks no query can see are skipped;
+- `varlen`: the packed sequence through PyTorch's own varlen attention (`torch.nn.attention.varlen`,
+  FlashAttention-2's kernels), a custom op torch.compile does not trace into. Its kernel alone is 11 % faster than
+  flex's (bench/doc_attention.py), but the record preset's step was 300 ms with it against 236 ms with flex on one
+  H200 (bench/NOTES.md, calls 35 and 37; cu_seqlens costs a host sync per forward). Not picked by default;
 - `dense`: SDPA with a boolean (B, 1, T, T) mask (CPU).
 Without a mask: FA3 if it imports, else SDPA, cuDNN first.
 """
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +25,11 @@ try:  # FlashAttention-3 (Hopper); optional
     from flash_attn_interface import flash_attn_func as _fa3, flash_attn_varlen_func as _fa3_varlen
 except ImportError:
     _fa3 = _fa3_varlen = None
+try:  # torch >= 2.9; its arguments changed between releases (is_causal -> window_size, enable_gqa added)
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+    _TORCH_VARLEN_ARGS = inspect.signature(_torch_varlen).parameters
+except ImportError:
+    _torch_varlen, _TORCH_VARLEN_ARGS = None, {}
 
 # cuDNN first: 341 vs 215 TFLOP/s for the flash backend (causal, seq 1024, head dim 64, one H100)
 CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -28,8 +38,8 @@ CU_SEQLENS_BUCKET = 64  # cu_seqlens padded to a multiple of this (with the tota
 
 @dataclass
 class DocMask:
-    kind: str  # fa3 | flex | dense
-    mask: object  # fa3: cu_seqlens (int32); flex: a BlockMask; dense: a (B, 1, T, T) bool tensor
+    kind: str  # fa3 | varlen | flex | dense
+    mask: object  # fa3, varlen: cu_seqlens (int32); flex: a BlockMask; dense: a (B, 1, T, T) bool tensor
 
 
 def default_backend(device: torch.device) -> str:
@@ -59,8 +69,8 @@ def _cu_seqlens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
 def document_mask(idx: torch.Tensor, bos_id: int, backend: str | None = None) -> DocMask:
     """The mask of a (B, T) batch of token ids for `backend` (default: the best the host has)."""
     backend = backend or default_backend(idx.device)
-    if backend == "fa3":
-        return DocMask("fa3", _cu_seqlens(idx, bos_id))
+    if backend in ("fa3", "varlen"):
+        return DocMask(backend, _cu_seqlens(idx, bos_id))
     docs = document_ids(idx, bos_id)
     if backend == "flex":
         return DocMask("flex", block_mask(docs))
@@ -118,6 +128,25 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int) -> torch.Tensor:
+    """(N, H, D) q and (N, H_kv, D) k, v of sequences packed back to back (starts in cu_seqlens, padded at the end
+    with N) -> (N, H, D), each token attending causally inside its own sequence: PyTorch's varlen attention on CUDA,
+    the dense mask elsewhere."""
+    if not q.is_cuda or _torch_varlen is None:
+        pos = torch.arange(q.size(0), device=q.device, dtype=cu_seqlens.dtype)
+        docs = torch.searchsorted(cu_seqlens, pos, right=True)
+        T = q.size(0)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, None] == docs[None, :])
+        return attention(q[None], k[None], v[None], DocMask("dense", mask[None, None]))[0]
+    kw = {"is_causal": True} if "is_causal" in _TORCH_VARLEN_ARGS else {"window_size": (-1, 0)}
+    if "enable_gqa" in _TORCH_VARLEN_ARGS:
+        kw["enable_gqa"] = True
+    elif k.size(1) != q.size(1):
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocMask | None = None) -> torch.Tensor:
     """Causal attention, each token inside its document where `mask` is given; q (B, T, H, D), k and v
     (B, T, H_kv, D) -> (B, T, H, D)."""
@@ -126,6 +155,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocMask |
         out = _fa3_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                           cu_seqlens_q=mask.mask, cu_seqlens_k=mask.mask, max_seqlen_q=T, max_seqlen_k=T, causal=True)
         return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
+    if mask is not None and mask.kind == "varlen":
+        out = packed_attention(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), mask.mask, T)
+        return out.view(B, T, H, D)
     if mask is None and _fa3 is not None and q.is_cuda:
         out = _fa3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out

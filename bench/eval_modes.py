@@ -1,0 +1,113 @@
+"""Eval modes on one checkpoint: bpb, seconds, and a projection of the seconds on 8 GPUs over FineWeb's val split.
+
+    python bench/eval_modes.py --checkpoint CKPT --mirror DIR [--preset presets/record.yaml] [--only NAME ...]
+
+CKPT is written by `bench/record_parity.py --save` (the record preset's trained weights, EMA, unquantized). Each row
+runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, the preset's eval settings otherwise:
+
+- `sliding`: windows of eval.seq_len at eval.stride, across documents;
+- `document-masked`: the same windows, each target seeing only its own document;
+- `phased SGD`: phased_ttt (global SGD after each phase of the prefix, sliding windows);
+- `LoRA`: lora_ttt, per-document LoRAs in chunks of 48 (the record's settings: rank 80, Adam lr 1e-4, betas 0/0.99,
+  weight decay 0.5, 64 documents at once);
+- `LoRA + phased SGD`: lora_ttt with global SGD (lr 0.001) after each of 3 phases of the prefix.
+
+The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds
+are the mode's wall time (model build excluded, first-use compiles included). The projection scales them by FineWeb's
+47,851,520 val targets over this split's and divides by 8 GPUs: a projection from one GPU, not a measurement, and the
+docs corpus has longer documents than FineWeb (longer windows per target for the per-document modes). Prints a table,
+writes --out.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pgolf import evaluate, runtime  # noqa: E402
+from pgolf.config import load_params  # noqa: E402
+from pgolf.data import load_val  # noqa: E402
+from pgolf.lora import documents  # noqa: E402
+from pgolf.model import GPT  # noqa: E402
+
+FINEWEB_VAL_TARGETS = 47_851_520  # the record's val_tokens (train_seed42.log)
+PREFIX_FRACTION = 2_500 / 50_000
+RECORD_LORA = {"lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.5, "lora_rank": 80, "lora_alpha": 144.0,
+               "chunk_tokens": 48, "batch_docs": 64, "grad_steps": 1}
+
+
+def variants(cfg, n_docs: int) -> dict:
+    """name -> EvalConfig."""
+    prefix = max(1, round(PREFIX_FRACTION * n_docs))
+    lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3)
+    return {
+        "sliding": replace(cfg, mode="sliding", doc_mask=False),
+        "document-masked": replace(cfg, mode="sliding", doc_mask=True),
+        "phased SGD": replace(cfg, mode="phased_ttt", doc_mask=True, ttt=replace(cfg.ttt, prefix_docs=prefix)),
+        "LoRA": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0)),
+        "LoRA + phased SGD": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.001, momentum=0.9)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--mirror", type=Path, required=True, help="the mirror the checkpoint was trained on")
+    ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
+    ap.add_argument("--only", nargs="*", help="these rows only")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
+    ap.add_argument("--out", type=Path, default=Path("eval_modes.json"))
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    params = load_params(args.preset)
+    rt = runtime.init()
+    ckpt = torch.load(args.checkpoint, map_location="cpu")
+    base = GPT(params.model)
+    base.load_state_dict(ckpt["state"])
+    base.passes = ckpt["passes"]
+    data = next(p for p in (args.mirror / "datasets" / "datasets").iterdir() if p.is_dir())
+    val = load_val(data, params.model.vocab_size)
+    n_docs = len(documents(val.tokens, params.model.bos_id))
+    rows = []
+    for name, cfg in variants(params.eval, n_docs).items():
+        if args.only and name not in args.only:
+            continue
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"{name}: not started (budget)", flush=True)
+            continue
+        model = copy.deepcopy(base).to(rt.device)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s, record = evaluate.evaluate(model, val, cfg, rt.device)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        row = {"mode": name, "eval_mode": cfg.mode, "val_bpb": round(s.bpb, 5), "seconds": round(seconds, 1),
+               "projected_8gpu_s": round(seconds * FINEWEB_VAL_TARGETS / s.tokens / 8, 1), "targets": s.tokens,
+               **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del model
+    gpu = runtime.gpu_name(rt.device)
+    print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: seconds x "
+          f"{FINEWEB_VAL_TARGETS:,} / targets / 8")
+    print("| mode | val bpb | vs sliding | seconds | projected 8-GPU s |\n|---|---|---|---|---|")
+    ref = next((r["val_bpb"] for r in rows if r["mode"] == "sliding"), float("nan"))
+    for r in rows:
+        print(f"| {r['mode']} | {r['val_bpb']:.5f} | {r['val_bpb'] - ref:+.5f} | {r['seconds']} | "
+              f"{r['projected_8gpu_s']} |")
+    args.out.write_text(json.dumps({"gpu": gpu, "checkpoint": str(args.checkpoint), "documents": n_docs,
+                                    "val_targets": len(val.tokens) - 1, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
