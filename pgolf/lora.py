@@ -20,6 +20,10 @@ many of the targets about to be trained on were scored; any that were not are co
 
 Differences from the record: one LoRA per module, shared by the passes of a looped layer (the record keeps one per
 pass); eager (no compile, no length buckets yet).
+
+At temperature 1 a chunk's scoring forward is also its first training forward, as in the record: the NLL is tallied
+before the LoRAs step, so nothing is trained on before it is scored, and a chunk costs one forward and one backward
+(not two forwards).
 """
 
 import math
@@ -75,6 +79,8 @@ def documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
 class LoraTTT:
     """The LoRAs of a batch of documents, attached to a model, and the score-then-adapt step."""
 
+    FUSE = True  # one forward scores a chunk and starts its training (at temperature 1)
+
     def __init__(self, model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device):
         t: TTTConfig = cfg.ttt
         self.model, self.val, self.cfg, self.t, self.device = model, val, cfg, t, device
@@ -90,6 +96,7 @@ class LoraTTT:
             self.loras.append(self.head)
         self.params = [p for lora in self.loras for p in lora.parameters()]
         self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
+        self.fused = self.FUSE and cfg.temperature == 1.0
 
     def attach(self, on: bool = True) -> None:
         """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
@@ -139,9 +146,18 @@ class LoraTTT:
 
     def step(self, active: list[tuple[int, ...]], opt: torch.optim.Optimizer) -> None:
         """Score the active documents' chunks, then train each one's LoRA on its chunk (not on a document's last
-        chunk: nothing of it is left to score)."""
-        self.score(active)
-        self.adapt([a for a in active if a[2] < a[4]], opt)
+        chunk: nothing of it is left to score). Fused (temperature 1, as the record): the scoring forward is the first
+        training forward, its NLL tallied before any LoRA steps; one forward a chunk saved."""
+        learn = [a[2] < a[4] for a in active]
+        if not (self.fused and any(learn)):
+            self.score(active)
+            self.adapt([a for a, on in zip(active, learn) if on], opt)
+            return
+        x, y, keep, pos = self._batch(active)
+        self.model.train()
+        nll = self._forward(active, x, y, 1.0)
+        self._tally(nll.detach(), keep, pos)
+        self._train(active, x, y, keep * torch.tensor(learn, device=keep.device)[:, None], pos, opt, nll)
 
     def _forward(self, active, x, y, temperature: float) -> torch.Tensor:
         rows = torch.tensor([slot for slot, *_ in active], device=self.device)
@@ -150,23 +166,31 @@ class LoraTTT:
         with autocast(self.device):
             return self.model.token_nll(x, y, temperature).float()
 
+    def _tally(self, nll: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor) -> None:
+        self.scorer.counts.index_add_(0, pos.reshape(-1), keep.reshape(-1).int())
+        self.scorer.nll_sum += (nll.double() * keep).sum()
+
     def score(self, active) -> None:
         x, y, keep, pos = self._batch(active)
         self.model.eval()
         with torch.no_grad():
-            nll = self._forward(active, x, y, self.cfg.temperature).double()
-        self.scorer.counts.index_add_(0, pos.reshape(-1), keep.reshape(-1).int())
-        self.scorer.nll_sum += (nll * keep).sum()
+            nll = self._forward(active, x, y, self.cfg.temperature)
+        self._tally(nll, keep, pos)
 
     def adapt(self, active, opt: torch.optim.Optimizer) -> None:
-        if not active:
-            return
-        x, y, keep, pos = self._batch(active)
+        if active:
+            x, y, keep, pos = self._batch(active)
+            self.model.train()
+            self._train(active, x, y, keep, pos, opt)
+
+    def _train(self, active, x, y, keep, pos, opt: torch.optim.Optimizer, nll: torch.Tensor | None = None) -> None:
+        """`grad_steps` Adam steps on the kept targets, each document's mean for its own LoRA; `nll`: the first
+        step's forward, already run."""
         self.trained_early += int(((self.scorer.counts[pos] == 0) & (keep > 0)).sum())
-        self.model.train()
-        for _ in range(self.t.grad_steps):
-            nll = self._forward(active, x, y, 1.0)
-            loss = ((nll * keep).sum(1) / keep.sum(1)).sum()  # each document's mean, for its own LoRA
+        for i in range(self.t.grad_steps):
+            if nll is None or i > 0:
+                nll = self._forward(active, x, y, 1.0)
+            loss = ((nll * keep).sum(1) / keep.sum(1).clamp(min=1)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -66,6 +66,28 @@ def test_an_untrained_lora_changes_nothing_each_document_scored_from_its_bos():
     assert got.nll_sum == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_fused_chunk_step_scores_and_trains_as_the_two_pass_step(monkeypatch):
+    """One forward both scores a chunk and starts its training: the same score and the same trained LoRAs as a
+    no-grad scoring forward followed by a training forward, at one forward fewer a chunk."""
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    val = repeating_documents()
+    forwards = []
+    real = lora.LoraTTT._forward
+    monkeypatch.setattr(lora.LoraTTT, "_forward", lambda self, *a: forwards.append(1) or real(self, *a))
+    runs = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(lora.LoraTTT, "FUSE", fuse)
+        forwards.clear()
+        torch.manual_seed(0)  # the LoRAs' A
+        s, record = evaluate(copy.deepcopy(model), val, lora_cfg(), CPU)
+        runs[fuse] = (s, record, len(forwards))
+    (fused, rf, nf), (two, rt, nt) = runs[True], runs[False]
+    assert fused.tokens == two.tokens == val.tokens.numel() - 1
+    assert fused.nll_sum == pytest.approx(two.nll_sum, rel=1e-9)
+    assert rf == rt and rf["val_tokens_trained_before_scored"] == 0
+    assert nf == nt - rt["ttt_units"] > 0  # one forward fewer for each chunk trained on
+
+
 def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_run(monkeypatch):
     model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
     val = repeating_documents()
