@@ -8,7 +8,8 @@ every BOS). Backends, picked by what the host has:
 - `varlen`: the packed sequence through PyTorch's own varlen attention (`torch.nn.attention.varlen`,
   FlashAttention-2's kernels), a custom op torch.compile does not trace into. Its kernel alone is 11 % faster than
   flex's (bench/doc_attention.py), but the record preset's step was 300 ms with it against 236 ms with flex on one
-  H200 (bench/NOTES.md, calls 35 and 37; cu_seqlens costs a host sync per forward). Not picked by default;
+  H200 (bench/NOTES.md, calls 35 and 37), its cu_seqlens then found on the GPU with a host sync per forward (now
+  on the host: not yet measured). Not picked by default;
 - `dense`: SDPA with a boolean (B, 1, T, T) mask (CPU).
 Without a mask: FA3 if it imports, else SDPA, cuDNN first.
 """
@@ -54,8 +55,8 @@ def document_ids(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
 
 
 def _cu_seqlens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Every document start of the flattened rows (a row start is one), padded; nonzero's data-dependent size
-    breaks a compiled graph here, once per forward."""
+    """Every document start of the flattened rows (a row start is one), padded. On the GPU, nonzero's data-dependent
+    size makes the host wait for the queue to drain, once per forward; on the host it costs the GPU nothing."""
     B, T = idx.shape
     starts = (idx == bos_id)
     starts[:, 0] = True
@@ -66,11 +67,16 @@ def _cu_seqlens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
     return cu
 
 
-def document_mask(idx: torch.Tensor, bos_id: int, backend: str | None = None) -> DocMask:
-    """The mask of a (B, T) batch of token ids for `backend` (default: the best the host has)."""
+def document_mask(idx: torch.Tensor, bos_id: int, backend: str | None = None,
+                  host_idx: torch.Tensor | None = None) -> DocMask:
+    """The mask of a (B, T) batch of token ids for `backend` (default: the best the host has). `host_idx`: the same
+    ids still on the host (the loader's copy), where the packed backends find the document starts without a sync."""
     backend = backend or default_backend(idx.device)
     if backend in ("fa3", "varlen"):
-        return DocMask(backend, _cu_seqlens(idx, bos_id))
+        cu = _cu_seqlens(idx if host_idx is None else host_idx, bos_id)
+        if cu.device != idx.device:
+            cu = (cu.pin_memory() if idx.is_cuda else cu).to(idx.device, non_blocking=True)
+        return DocMask(backend, cu)
     docs = document_ids(idx, bos_id)
     if backend == "flex":
         return DocMask("flex", block_mask(docs))

@@ -308,6 +308,7 @@ class TrainLoader:
                  vocab_size: int | None = None):
         self.stream = TokenStream([read_shard(p, vocab_size) for p in paths])
         self.rank, self.world, self.device = rank, world, device
+        self.host_inputs: torch.Tensor | None = None  # the last batch's inputs on the host: document starts found there
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = local_tokens + 1
@@ -315,6 +316,7 @@ class TrainLoader:
         local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU queue to drain
             local = local.pin_memory()
+        self.host_inputs = local[:-1].view(-1, seq_len)
         local = local.to(self.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 

@@ -108,7 +108,7 @@ class Trainer:
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
             # the mask is built here, outside the compiled model: built inside it (FlexAttention's block mask traced
             # into the graph), training on one H200 turned NaN at the second step; passed in, it compiles once
-            mask = document_mask(x, self.mcfg.bos_id) if cfg.doc_mask else None
+            mask = document_mask(x, self.mcfg.bos_id, host_idx=self.loader.host_inputs) if cfg.doc_mask else None
             sync = micro == self.accum - 1 or self.rt.world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):
                 loss = model(x, y, mask)

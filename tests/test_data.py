@@ -142,8 +142,9 @@ def test_train_loader_gives_ranks_disjoint_spans_and_wraps(tmp_path):
     seen = []
     for step in range(6):
         xs = [ld.next_batch(16, 8) for ld in loaders]
-        for x, y in xs:
+        for ld, (x, y) in zip(loaders, xs):
             assert x.shape == (2, 8) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
+            assert torch.equal(ld.host_inputs, x)  # where the trainer finds document starts without a GPU sync
         seen.append([x.flatten().tolist() for x, _ in xs])
     # step 0: rank 0 has tokens 0..15, rank 1 has 17..32; the spans never overlap
     assert seen[0][0] == list(range(16)) and seen[0][1] == list(range(17, 33))
