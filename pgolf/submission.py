@@ -64,7 +64,7 @@ def train_and_pack(params: Params, data: Path, rt: runtime.Runtime, blob_path: P
         counted = result.metrics["train_seconds"] + (c.seconds if c.reads_training_data else 0.0)
         log(rt, f"calibrate: {c.tokens:,} tokens in {c.seconds:.2f}s; training time counted {counted:.1f}s")
         sizer = pack.Sizer(meta, params.compress)
-        state, hessians = reorder.REORDERS[params.compress.reorder](state, c.hessians, c.shared)
+        state, hessians = reorder.REORDERS[params.compress.reorder](state, c.hessians, c.shared, params.model)
         q, qm = quant.quantize(state, hessians, c.shared, params.quant, budget, sizer)
         if sizer.plan is None:
             sizer.plan = pack.plan_for(q, params.compress)

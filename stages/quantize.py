@@ -10,7 +10,7 @@ def main() -> dict:
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, hessians, shared, model_meta = quant.load_inputs(device)
-    state, hessians = reorder.REORDERS[params.compress.reorder](state, hessians, shared)
+    state, hessians = reorder.REORDERS[params.compress.reorder](state, hessians, shared, params.model)
     budget = export.model_budget(params)
     sizer = pack.Sizer(model_meta, params.compress, pack.ChunkCache(paths.PACK_CACHE))
     result, metrics = quant.quantize(state, hessians, shared, params.quant, budget, sizer,
