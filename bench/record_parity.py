@@ -110,7 +110,7 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
     from pgolf.score import score
     from pgolf.train import Trainer
 
-    attention.default_backend = lambda device: doc_attention if device.type == "cuda" else "dense"
+    attention.prefer(doc_attention)
     params = load_params(preset)
     cfg = replace(params.train, iterations=steps, max_seconds=0, calibration_reserve_s=0, batch_tokens=batch_tokens,
                   micro_batch_tokens=batch_tokens // 8, seed=seed, log_every=LOG_EVERY, val_every=0,

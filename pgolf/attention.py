@@ -43,9 +43,20 @@ class DocMask:
     mask: object  # fa3, varlen: cu_seqlens (int32); flex: a BlockMask; dense: a (B, 1, T, T) bool tensor
 
 
+_preferred: str | None = None  # set by prefer()
+
+
+def prefer(backend: str | None) -> None:
+    """Document masks on CUDA through `backend` (fa3, varlen or flex) from now on; None: the default (A/B benches)."""
+    global _preferred
+    _preferred = backend
+
+
 def default_backend(device: torch.device) -> str:
     if device.type != "cuda":
         return "dense"
+    if _preferred is not None:
+        return _preferred
     return "fa3" if _fa3_varlen is not None else "flex"
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_ce, fused_qk
+from . import fused_ce, fused_mlp, fused_qk
 from .attention import DocMask, attention, document_mask
 from .config import ModelConfig
 from .registry import Registry
@@ -70,13 +70,15 @@ class CastedLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         return fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
 
-    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T, each output channel times out_scale if given: folded into the weight, so backward needs
-        neither the unscaled output nor a token-wide reduction for the scale's gradient."""
+    def scaled_weight(self, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight with each output channel times out_scale: folded in, so backward needs neither the unscaled
+        output nor a token-wide reduction for the scale's gradient."""
         w = self.effective_weight()
-        if out_scale is not None:
-            w = w * out_scale[:, None]
-        y = F.linear(x, w.to(x.dtype))
+        return w if out_scale is None else w * out_scale[:, None]
+
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T, each output channel times out_scale if given."""
+        y = F.linear(x, self.scaled_weight(out_scale).to(x.dtype))
         if self.lora is not None:  # the adapter sits beside W: scaled as W's output is
             d = self.lora(x)
             y = y + (d * out_scale if out_scale is not None else d).to(y.dtype)
@@ -166,6 +168,10 @@ class MLP(nn.Module):
         self.cfg, self.act = cfg, ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x)
+                and self.fc.lora is None and self.proj.lora is None):  # the activation in fc's matmul (fused_mlp)
+            return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),
+                                             self.proj.scaled_weight(out_scale).to(x.dtype), self.cfg.leaky_slope)
         return self.proj(self.act(self.fc(x), self.cfg), out_scale)
 
 

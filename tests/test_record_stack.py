@@ -221,3 +221,16 @@ def test_document_masked_scoring_scores_every_target_once_each_from_its_own_bos(
                           for a, b in zip(docs, docs[1:]))
     assert masked.tokens == plain.tokens == tokens.numel() - 1
     assert abs(masked.nll_sum - (alone + bos_targets)) < 1e-3 and abs(plain.nll_sum - masked.nll_sum) > 1e-2
+
+
+def test_a_preferred_document_mask_backend_holds_on_cuda_only_until_reset():
+    cuda = torch.device("cuda")
+    default = attention.default_backend(cuda)
+    assert default in ("fa3", "flex")
+    attention.prefer("varlen")
+    try:
+        assert attention.default_backend(cuda) == "varlen"
+        assert attention.default_backend(torch.device("cpu")) == "dense"
+    finally:
+        attention.prefer(None)
+    assert attention.default_backend(cuda) == default
