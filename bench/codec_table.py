@@ -19,12 +19,12 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from points import print_table, save  # noqa: E402
 
-from pgolf import codecs, pack, quant  # noqa: E402
+from pgolf import codecs, layouts, pack, quant  # noqa: E402
 
 
 def measure(result: quant.QuantResult, codec: str, layout: str, grouping: str) -> dict:
     streams, _ = pack._streams(result, grouping)
-    raws = {n: s.build(pack._layout(layout if s.codes else "raw"))[0] for n, s in streams.items()}
+    raws = {n: s.build(layouts.layout(layout if s.codes else "raw"))[0] for n, s in streams.items()}
     chunks = {n: pack._chunks(raw) for n, raw in raws.items()}
     jobs = [(codec, c) for cs in chunks.values() for c in cs]
     t0 = time.perf_counter()

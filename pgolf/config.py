@@ -186,7 +186,7 @@ class QuantConfig:
 @dataclass
 class CompressConfig:
     codec: str = param("auto", choices="pgolf.codecs:CODECS", also=("auto",))
-    layout: str = param("auto", choices="pgolf.pack:LAYOUTS", also=("auto",))
+    layout: str = param("auto", choices="pgolf.layouts:LAYOUTS", also=("auto",))
     auto_slack_bytes: int = param(0, ge=0)  # auto takes a faster-decoding codec per stream within this many bytes
     streams: str = param("group", choices="pgolf.pack:STREAMINGS")  # code streams per group or per matrix type
     reorder: str = param("none", choices="pgolf.reorder:REORDERS")  # function-preserving unit orders before quantizing

@@ -24,17 +24,17 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import codecs
+from . import codecs, layouts
 from .config import CompressConfig
 from .errors import PgolfError
 from .io import write_bytes
 from .quant import LowRank, Quantized, QuantResult, group_of
+from .layouts import LAYOUTS, shuffle16, unshuffle16
 from .registry import Registry
 from .weights import build_model
 
@@ -47,62 +47,6 @@ CHUNK = 2 << 20  # fixed, not derived from the host's cores: the same model give
 MIN_CHUNK = 64 << 10  # a read blob's chunks are no smaller: bounds their count (and the decode jobs) by MAX_RAW
 SAMPLE_CHUNKS, SAMPLE_CHUNK = 4, 64 << 10  # what a codec trial compresses of a large stream
 SERIAL_BELOW = 2 << 20  # jobs smaller than this in total run one after another
-
-
-@dataclass(frozen=True)
-class Layout:
-    pack: Callable[[np.ndarray, int], bytes]  # (a tensor's int8 codes, 1-D or 2-D; bits) -> bytes
-    unpack: Callable[[bytes, int, tuple[int, ...]], np.ndarray]  # (bytes, bits, shape) -> int8 codes of that shape
-    size: Callable[[int, int], int]  # (count, bits) -> bytes
-
-
-def pack_bits(codes: np.ndarray, bits: int) -> bytes:
-    """Signed codes in [-2^(bits-1), 2^(bits-1)) as unsigned `bits`-bit fields, little-endian bit order."""
-    u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(-1)
-    bitplanes = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits]
-    return np.packbits(bitplanes.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[:count * bits]
-    fields = np.zeros((count, 8), dtype=np.uint8)
-    fields[:, :bits] = flat.reshape(count, bits)
-    return (np.packbits(fields, axis=1, bitorder="little").reshape(-1).astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape)) if shape else 1
-
-
-def _bytes_as(dtype) -> Callable[[bytes, int, tuple[int, ...]], np.ndarray]:
-    return lambda d, b, shape: np.frombuffer(d, dtype=dtype)[:_count(shape)].reshape(shape)
-
-
-LAYOUTS: Registry[Layout] = Registry("compress.layout")
-LAYOUTS.add("int8", Layout(lambda c, b: c.astype(np.int8).tobytes(), _bytes_as(np.int8), lambda n, b: n))
-LAYOUTS.add("bitpack", Layout(pack_bits, lambda d, b, shape: unpack_bits(d, b, _count(shape)).reshape(shape),
-                              lambda n, b: (n * b + 7) // 8))
-# Column-major: a context model then sees one input channel's codes over all the rows (output channels) in a run,
-# not one row's codes over the channels (issue 27's probe: 160 KB less ZPAQ over a 15.8 MB challenge model)
-LAYOUTS.add("col", Layout(lambda c, b: np.ascontiguousarray(c.T, dtype=np.int8).tobytes(),
-                          lambda d, b, shape: np.frombuffer(d, dtype=np.int8)[:_count(shape)].reshape(shape[::-1]).T,
-                          lambda n, b: n))
-RAW = Layout(lambda c, b: c.tobytes(), _bytes_as(np.uint8), lambda n, b: n)
-
-
-def _layout(name: str) -> Layout:
-    """A codes layout by name, or `raw` (bytes as they are: fp16 data)."""
-    return RAW if name == "raw" else LAYOUTS[name]
-
-
-def shuffle16(a: np.ndarray) -> bytes:
-    b = np.ascontiguousarray(a, dtype="<f2").reshape(-1).view(np.uint8).reshape(-1, 2)
-    return b.T.tobytes()
-
-
-def unshuffle16(data: bytes) -> np.ndarray:
-    b = np.frombuffer(data, dtype=np.uint8).reshape(2, -1)
-    return np.ascontiguousarray(b.T).view("<f2").reshape(-1)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -118,7 +62,7 @@ class _Stream:
         self.parts.append((arr, bits))
         return len(self.parts) - 1
 
-    def build(self, layout: Layout) -> tuple[bytes, list[tuple[int, int]]]:
+    def build(self, layout: layouts.Layout) -> tuple[bytes, list[tuple[int, int]]]:
         chunks, spans, off = [], [], 0
         for arr, bits in self.parts:
             raw = layout.pack(arr, bits)
@@ -283,16 +227,16 @@ def plan_streams(result: QuantResult, codec: str = "auto", layout: str = "auto",
     def trial(pairs: list[tuple[_Stream, str, list[str]]]) -> None:  # (stream, layout, codecs)
         jobs = []  # (stream, layout, codec, raw size, sample)
         for s, lay, tried in pairs:
-            raw, _ = s.build(_layout(lay))
+            raw, _ = s.build(layouts.layout(lay))
             jobs += [(s.name, lay, c, len(raw), _sample(raw)) for c in tried]
         for (name, lay, c, n, sample), packed in zip(jobs, _compress_all([(c, x) for _, _, c, _, x in jobs])):
             plan.setdefault(name, {"trials": {}})["trials"][f"{c}_{lay}"] = round(len(packed) * n / max(len(sample), 1))
         for entry in plan.values():
             entry["codec"], entry["layout"], entry["estimate"] = _choose(entry["trials"], slack)
 
-    layouts = {n: layout_names if s.codes else ["raw"] for n, s in planned.items()}
-    trial([(s, layouts[n][0], codec_names) for n, s in planned.items()])
-    trial([(s, lay, [plan[n]["codec"]]) for n, s in planned.items() for lay in layouts[n][1:]])
+    allowed = {n: layout_names if s.codes else ["raw"] for n, s in planned.items()}
+    trial([(s, allowed[n][0], codec_names) for n, s in planned.items()])
+    trial([(s, lay, [plan[n]["codec"]]) for n, s in planned.items() for lay in allowed[n][1:]])
     return plan
 
 
@@ -308,7 +252,7 @@ def _layouts(result: QuantResult, plan: dict[str, dict], grouping: str) -> tuple
         raise PgolfError(f"no codec plan for stream(s) {sorted(set(streams) - set(plan))}")
     raws, spans = {}, {}
     for name, s in streams.items():
-        raws[name], spans[name] = s.build(_layout(plan[name]["layout"]))
+        raws[name], spans[name] = s.build(layouts.layout(plan[name]["layout"]))
     order = sorted(streams)
 
     def ref(part):  # (stream, part index) -> [stream index, offset, length]
@@ -416,10 +360,14 @@ def _part(ref: list, streams: list, raws: list[bytes], shape: tuple[int, ...], b
           layout: str | None = None) -> torch.Tensor:
     """The values of `shape` a part holds, after checking its span lies in its stream and fits the shape."""
     i, off, n = (int(x) for x in ref)
-    lay = _layout(layout or streams[i][1])
-    if not (0 <= off and off + n <= len(raws[i])) or n != lay.size(_count(shape), bits):
+    lay = layouts.layout(layout or streams[i][1])
+    if not (0 <= off and off + n <= len(raws[i])) or n != lay.size(shape, bits):
         raise PgolfError(f"{where}: malformed blob (a tensor part does not match its declared shape)")
-    return torch.from_numpy(np.ascontiguousarray(lay.unpack(raws[i][off:off + n], bits, shape)).copy())
+    try:
+        values = lay.unpack(raws[i][off:off + n], bits, shape)
+    except ValueError as e:
+        raise PgolfError(f"{where}: malformed blob ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(values).copy())
 
 
 def _shape(shape: list, where: str) -> tuple[int, ...]:
@@ -447,10 +395,10 @@ def _tensors(entries: list[dict], streams: list, raws: list[bytes], where: str) 
                 q.lqer = LowRank(_part(lq["a"], streams, raws, (rows, r), 2, where),
                                  _halves(lq["a_scale"], streams, raws, 1, where),
                                  _part(lq["b"], streams, raws, b_shape, 4, where),
-                                 _halves(lq["b_scale"], streams, raws, _count(b_shape) // int(lq["group"]), where))
+                                 _halves(lq["b_scale"], streams, raws, layouts.count(b_shape) // int(lq["group"]), where))
             state[e["name"]] = q.dequantize()
         else:
-            state[e["name"]] = _halves(e["data"], streams, raws, _count(shape), where).float().reshape(shape)
+            state[e["name"]] = _halves(e["data"], streams, raws, layouts.count(shape), where).float().reshape(shape)
     return state
 
 

@@ -23,10 +23,11 @@ from .registry import Registry
 State = dict[str, torch.Tensor]
 
 
-def similarity_order(x: torch.Tensor) -> torch.Tensor:
-    """A permutation of x's rows as a greedy nearest-neighbour chain from row 0 (L1 distance)."""
+def similarity_order(x: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """A permutation of x's rows as a greedy nearest-neighbour chain from row 0 (L1 distance; p = 2: Euclidean,
+    computed by matmuls, an order of magnitude faster on large matrices)."""
     n = x.size(0)
-    dist = torch.cdist(x.float()[None], x.float()[None], p=1)[0]
+    dist = torch.cdist(x.float()[None], x.float()[None], p=p)[0]
     dist.fill_diagonal_(float("inf"))
     order = torch.empty(n, dtype=torch.long, device=x.device)
     cur = torch.zeros((), dtype=torch.long, device=x.device)

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 from test_record_stack import RECORD_LIKE, randomized
 
-from pgolf import codecs, pack, reorder
+from pgolf import codecs, layouts, reorder
 from pgolf.config import load_params
 
 
@@ -65,7 +65,7 @@ def test_similar_order_brings_alike_units_together_and_their_codes_compress_smal
 
     def col_bytes(w: torch.Tensor) -> int:
         codes = (w / w.std(dim=1, keepdim=True) * 4).round().clamp(-31, 31).to(torch.int8).numpy()
-        return len(codecs.compress("zpaq_o1", pack.LAYOUTS["col"].pack(codes, 6)))
+        return len(codecs.compress("zpaq_o1", layouts.LAYOUTS["col"].pack(codes, 6)))
 
     assert col_bytes(moved["blocks.0.mlp.fc.weight"]) < 0.9 * col_bytes(fc)
 
