@@ -2,8 +2,9 @@
 
 Each document is scored on its own, from its BOS, in chunks of `eval.ttt.chunk_tokens` targets, each with up to
 `eval.seq_len` tokens of context from inside the document. After a chunk is scored, the document's own rank-r LoRA
-(beside q, k, v, o, the MLP and the head, as `lora_targets` says) takes `grad_steps` Adam steps on it, and the next
-chunk is scored by the adapted model. `batch_docs` documents run at once, longest first, each with its own LoRA
+takes `grad_steps` Adam steps on it, and the next chunk is scored by the adapted model. Its sites, as the record's
+(`lora_targets`): beside q, k and v; `o`, from the attention's input to its output; `mlp`, from the MLP's input to
+its output; and the head. Each pass of a looped layer has LoRAs of its own (the record's slots). `batch_docs` documents run at once, longest first, each with its own LoRA
 (batched: A (docs, r, in), B (docs, out, r)); B is zeroed before a document starts, so its LoRA starts as no change,
 while A stays warm across documents (the record's TTT_WARM_START_A). The base model is frozen.
 
@@ -18,8 +19,7 @@ that document's context, so the documents' targets cover 1..N-1 once. Before eac
 many of the targets about to be trained on were scored; any that were not are counted in
 `val_tokens_trained_before_scored`, which the audit refuses.
 
-Differences from the record: one LoRA per module, shared by the passes of a looped layer (the record keeps one per
-pass); eager (no compile, no length buckets yet).
+Difference from the record: eager (no compile, no length buckets yet).
 
 At temperature 1 a chunk's scoring forward is also its first training forward, as in the record: the NLL is tallied
 before the LoRAs step, so nothing is trained on before it is scored, and a chunk costs one forward and one backward
@@ -40,12 +40,19 @@ from .registry import Registry
 from .runtime import all_sum, rank_world
 from .score import Score, Scorer
 
-TARGETS: Registry[Callable[[GPT], list[CastedLinear]]] = Registry("eval.ttt.lora_targets")
-TARGETS.add("q", lambda m: [b.attn.q for b in m.blocks])
-TARGETS.add("k", lambda m: [b.attn.k for b in m.blocks])
-TARGETS.add("v", lambda m: [b.attn.v for b in m.blocks])
-TARGETS.add("o", lambda m: [b.attn.proj for b in m.blocks])
-TARGETS.add("mlp", lambda m: [lin for b in m.blocks for lin in (b.mlp.fc, b.mlp.proj)])
+Site = tuple[nn.Module, int, int]  # a module with a `lora` hook (x -> a delta of its output), its fan in and out
+
+
+def _linear(lin: CastedLinear) -> Site:
+    return lin, lin.in_features, lin.out_features
+
+
+TARGETS: Registry[Callable[[GPT], list[Site]]] = Registry("eval.ttt.lora_targets")  # one site per block
+TARGETS.add("q", lambda m: [_linear(b.attn.q) for b in m.blocks])
+TARGETS.add("k", lambda m: [_linear(b.attn.k) for b in m.blocks])
+TARGETS.add("v", lambda m: [_linear(b.attn.v) for b in m.blocks])
+TARGETS.add("o", lambda m: [(b.attn, b.attn.q.in_features, b.attn.proj.out_features) for b in m.blocks])
+TARGETS.add("mlp", lambda m: [(b.mlp, b.mlp.fc.in_features, b.mlp.proj.out_features) for b in m.blocks])
 TARGETS.add("head", lambda m: [])  # the output head is not a CastedLinear when tied: attached as model.head_lora
 
 
@@ -69,6 +76,22 @@ class BatchedLoRA(nn.Module):
             self.B.zero_()
 
 
+class PerPass:
+    """A site's LoRAs, one for each time its module runs in a forward (a looped layer runs several times); the i-th
+    call of a forward takes the i-th. `start()` before each forward."""
+
+    def __init__(self, loras: list[BatchedLoRA]):
+        self.loras, self.calls = loras, 0
+
+    def start(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.loras[self.calls % len(self.loras)]
+        self.calls += 1
+        return lora(x)
+
+
 def documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
     """(start, end) of each document: inputs start..end-1, targets start+1..end (the next BOS is the last)."""
     n = tokens.numel()
@@ -86,9 +109,14 @@ class LoraTTT:
         self.model, self.val, self.cfg, self.t, self.device = model, val, cfg, t, device
         self.L = min(cfg.seq_len, val.tokens.numel() - 1)
         self.scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
-        self.linears = [lin for name in t.lora_targets for lin in TARGETS[name](model)]
-        self.loras = [BatchedLoRA(t.batch_docs, lin.in_features, lin.out_features, t.lora_rank, t.lora_alpha, device)
-                      for lin in self.linears]
+        order = model.layer_order()
+        self.sites: list[tuple[nn.Module, PerPass]] = []
+        for name in t.lora_targets:
+            for block, (module, fan_in, fan_out) in enumerate(TARGETS[name](model)):
+                passes = [BatchedLoRA(t.batch_docs, fan_in, fan_out, t.lora_rank, t.lora_alpha, device)
+                          for _ in range(max(order.count(block), 1))]
+                self.sites.append((module, PerPass(passes)))
+        self.loras = [lora for _, site in self.sites for lora in site.loras]
         self.head = None
         if "head" in t.lora_targets:
             vocab, dim = model.head_weight().shape
@@ -100,8 +128,8 @@ class LoraTTT:
 
     def attach(self, on: bool = True) -> None:
         """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
-        for lin, lora in zip(self.linears, self.loras):
-            lin.lora = lora.forward if on else None
+        for module, site in self.sites:
+            module.lora = site if on else None
         self.model.head_lora = self.head.forward if on and self.head is not None else None
 
     def run(self, docs: list[tuple[int, int]]) -> None:
@@ -163,6 +191,8 @@ class LoraTTT:
         rows = torch.tensor([slot for slot, *_ in active], device=self.device)
         for lora in self.loras:
             lora.rows = rows
+        for _, site in self.sites:
+            site.start()
         with autocast(self.device):
             return self.model.token_nll(x, y, temperature).float()
 

@@ -78,11 +78,16 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T, each output channel times out_scale if given."""
-        y = F.linear(x, self.scaled_weight(out_scale).to(x.dtype))
-        if self.lora is not None:  # the adapter sits beside W: scaled as W's output is
-            d = self.lora(x)
-            y = y + (d * out_scale if out_scale is not None else d).to(y.dtype)
+        return with_adapter(F.linear(x, self.scaled_weight(out_scale).to(x.dtype)), self.lora, x, out_scale)
+
+
+def with_adapter(y: torch.Tensor, adapter: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
+                 out_scale: torch.Tensor | None) -> torch.Tensor:
+    """y plus an adapter's delta from the module's input x (eval's LoRA TTT), scaled as the module's output is."""
+    if adapter is None:
         return y
+    d = adapter(x)
+    return y + (d * out_scale if out_scale is not None else d).to(y.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,6 +133,7 @@ class Attention(nn.Module):
         else:
             self.sparse_gate = None
         self.ve_scale = nn.Parameter(torch.ones(1)) if value_embed else None
+        self.lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> a delta of the output (LoRA TTT's o)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ve: torch.Tensor | None,
                 out_scale: torch.Tensor | None = None, mask: DocMask | None = None) -> torch.Tensor:
@@ -156,7 +162,7 @@ class Attention(nn.Module):
         if self.sparse_gate is not None:
             g = F.linear(x[..., :self.gate_window], self.sparse_gate.to(x.dtype))
             y = y * torch.sigmoid(self.gate_scale * g).unsqueeze(-1)
-        return self.proj(y.reshape(B, T, -1), out_scale)
+        return with_adapter(self.proj(y.reshape(B, T, -1), out_scale), self.lora, x, out_scale)
 
 
 class MLP(nn.Module):
@@ -166,11 +172,13 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.dim, hidden)
         self.proj = CastedLinear(hidden, cfg.dim, zero_init=True)
         self.cfg, self.act = cfg, ACTIVATIONS[cfg.activation]
+        self.lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> a delta of the output (LoRA TTT's mlp)
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x)
-                and self.fc.lora is None and self.proj.lora is None):  # the activation in fc's matmul (fused_mlp)
-            return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),
+        if self.lora is not None:
+            return with_adapter(self.proj(self.act(self.fc(x), self.cfg), out_scale), self.lora, x, out_scale)
+        if self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x):
+            return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),  # the activation in fc's matmul
                                              self.proj.scaled_weight(out_scale).to(x.dtype), self.cfg.leaky_slope)
         return self.proj(self.act(self.fc(x), self.cfg), out_scale)
 

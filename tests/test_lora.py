@@ -48,7 +48,7 @@ def test_lora_ttt_learns_each_document_as_it_scores_it_and_covers_every_target_o
     assert got.tokens == sliding.tokens == val.tokens.numel() - 1  # Scorer.finish checked each target once
     assert got.bpb < 0.8 * sliding.bpb, (got.bpb, sliding.bpb)
     assert record["ttt"] == "lora" and record["val_tokens_trained_before_scored"] == 0 and record["ttt_tokens_adapted"] > 0
-    assert all(lin.lora is None for b in model.blocks for lin in (b.attn.q, b.mlp.fc)) and model.head_lora is None
+    assert all(m.lora is None for b in model.blocks for m in (b.attn.q, b.attn, b.mlp)) and model.head_lora is None
     assert all(p.requires_grad for p in model.parameters())  # the base model was frozen only while it ran
 
 
@@ -86,6 +86,30 @@ def test_the_fused_chunk_step_scores_and_trains_as_the_two_pass_step(monkeypatch
     assert fused.nll_sum == pytest.approx(two.nll_sum, rel=1e-9)
     assert rf == rt and rf["val_tokens_trained_before_scored"] == 0
     assert nf == nt - rt["ttt_units"] > 0  # one forward fewer for each chunk trained on
+
+
+def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_from_their_inputs():
+    """As the record's slots: layers 1-2 run three times, so each of their sites holds three LoRAs, and one chunk
+    step trains all three; o and mlp are adapters from the attention's and the MLP's inputs to their outputs."""
+    model = randomized(GPT(tiny_model(bos_id=BOS, recur_start=1, recur_end=2, recur_loops=2)), 6)
+    model.passes = 2
+    order = model.layer_order()
+    assert order == [0, 1, 2, 1, 2, 1, 2, 3]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    val = repeating_documents()
+    ttt = lora.LoraTTT(model, val, lora_cfg(), CPU)
+    counts = [len(site.loras) for _, site in ttt.sites]
+    assert counts == [1, 3, 3, 1] * 5  # q, k, v, o, mlp: a site per block, a LoRA per pass
+    o_site = ttt.sites[3 * 4 + 1][1]  # o of block 1
+    assert o_site.loras[0].A.size(2) == o_site.loras[0].B.size(1) == model.cfg.dim  # from the input, to the output
+    ttt.attach()
+    doc = lora.documents(val.tokens, BOS)[0]
+    opt = torch.optim.AdamW(ttt.params, lr=0.01, betas=(0.0, 0.999))
+    ttt.step([(0, doc[0] + 1, doc[0] + 16, *doc)], opt)
+    ttt.attach(False)
+    for _, site in ttt.sites:
+        assert all(lr.B[0].abs().sum() > 0 for lr in site.loras)  # every pass's LoRA took its own step
 
 
 def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_run(monkeypatch):
