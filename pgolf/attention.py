@@ -16,6 +16,7 @@ Without a mask: FA3 if it imports, else SDPA, cuDNN first.
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,6 @@ try:  # FlashAttention-3 (Hopper); optional
     from flash_attn_interface import flash_attn_func as _fa3, flash_attn_varlen_func as _fa3_varlen
 except ImportError:
     _fa3 = _fa3_varlen = None
-try:  # torch >= 2.9; its arguments changed between releases (is_causal -> window_size, enable_gqa added)
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
-    _TORCH_VARLEN_ARGS = inspect.signature(_torch_varlen).parameters
-except ImportError:
-    _torch_varlen, _TORCH_VARLEN_ARGS = None, {}
 
 # cuDNN first: 341 vs 215 TFLOP/s for the flash backend (causal, seq 1024, head dim 64, one H100)
 CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -84,6 +80,8 @@ def document_mask(idx: torch.Tensor, bos_id: int, backend: str | None = None,
     ids still on the host (the loader's copy), where the packed backends find the document starts without a sync."""
     backend = backend or default_backend(idx.device)
     if backend in ("fa3", "varlen"):
+        if backend == "varlen" and idx.is_cuda:
+            load_torch_varlen()
         cu = _cu_seqlens(idx if host_idx is None else host_idx, bos_id)
         if cu.device != idx.device:
             cu = (cu.pin_memory() if idx.is_cuda else cu).to(idx.device, non_blocking=True)
@@ -145,23 +143,41 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+_varlen: tuple[Callable | None, frozenset] | None = None  # PyTorch's varlen attention and its argument names
+
+
+def load_torch_varlen() -> bool:
+    """Import PyTorch's varlen attention (torch >= 2.9), outside any compiled region: the import brings in
+    torch.compile's machinery (seconds, so not at pgolf's import), and its arguments changed between releases
+    (is_causal became window_size, enable_gqa was added). True if this torch has it."""
+    global _varlen
+    if _varlen is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            _varlen = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+        except ImportError:
+            _varlen = None, frozenset()
+    return _varlen[0] is not None
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int) -> torch.Tensor:
     """(N, H, D) q and (N, H_kv, D) k, v of sequences packed back to back (starts in cu_seqlens, padded at the end
-    with N) -> (N, H, D), each token attending causally inside its own sequence: PyTorch's varlen attention on CUDA,
-    the dense mask elsewhere."""
-    if not q.is_cuda or _torch_varlen is None:
+    with N) -> (N, H, D), each token attending causally inside its own sequence: PyTorch's varlen attention on CUDA
+    (load_torch_varlen first), the dense mask elsewhere."""
+    if not (q.is_cuda and load_torch_varlen()):
         pos = torch.arange(q.size(0), device=q.device, dtype=cu_seqlens.dtype)
         docs = torch.searchsorted(cu_seqlens, pos, right=True)
         T = q.size(0)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, None] == docs[None, :])
         return attention(q[None], k[None], v[None], DocMask("dense", mask[None, None]))[0]
-    kw = {"is_causal": True} if "is_causal" in _TORCH_VARLEN_ARGS else {"window_size": (-1, 0)}
-    if "enable_gqa" in _TORCH_VARLEN_ARGS:
+    varlen, args = _varlen
+    kw = {"is_causal": True} if "is_causal" in args else {"window_size": (-1, 0)}
+    if "enable_gqa" in args:
         kw["enable_gqa"] = True
     elif k.size(1) != q.size(1):
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+    return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocMask | None = None) -> torch.Tensor:

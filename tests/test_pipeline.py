@@ -43,14 +43,14 @@ def exp_rows(repo) -> dict:
 
 
 def test_whole_pipeline_fits_the_budget_then_experiments_rerun_only_what_changed(tmp_path):
-    # a limit below the demo's natural size (~307 kB) and a 20 s training budget the cap is set to
-    budget = {"audit": {"limit_bytes": 260_000, "train_budget_s": 20},
+    # a limit below the demo's natural size (~322 kB) and a 20 s training budget the cap is set to
+    budget = {"audit": {"limit_bytes": 270_000, "train_budget_s": 20},
               "train": FAST_PIPELINE["train"] | {"iterations": 10**6, "max_seconds": 20, "calibration_reserve_s": 2}}
     repo = pipeline_repo(tmp_path, FAST_PIPELINE | budget)
     out = run(["dvc", "repro"], repo).stdout
     assert "audit passed" in out and "val_bpb " in out
     audit = json.loads((repo / "artifacts" / "audit" / "audit.json").read_text())
-    assert audit["passed"] and audit["total_bytes"] == audit["code_bytes"] + audit["model_bytes"] <= 260_000
+    assert audit["passed"] and audit["total_bytes"] == audit["code_bytes"] + audit["model_bytes"] <= 270_000
     assert audit["train_seconds_counted"] <= 20 < audit["train_seconds"] + 2.5
     q = read_metrics(repo, "quantize")
     assert q["unfitted_bytes_est"] > q["target_bytes"] >= q["fitted_bytes"] == audit["model_bytes"] and q["clip_offset"] > 0

@@ -11,7 +11,9 @@ of host time a layer call and made the record host-bound (bench/NOTES.md, calls 
 import torch
 import torch.nn.functional as F
 
-from pgolf.attention import packed_attention
+from pgolf.attention import load_torch_varlen, packed_attention
+
+load_torch_varlen()  # here, not inside the record's compiled model
 
 
 def flash_attn_func(q, k, v, causal=True, **_):
