@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0, help="0: the config's seed")
     ap.add_argument("--fused-mlp", action="store_true", help="the LeakyReLU² MLP's fused kernel on (pgolf.fused_mlp)")
+    ap.add_argument("--fp8", action="store_true", help="train.fp8: the blocks' projections through FP8 matmuls")
     ap.add_argument("--doc-attention", choices=("flex", "varlen"), help="the document masks' backend (train.doc_mask)")
     args = ap.parse_args()
     fused_mlp.enabled = args.fused_mlp
@@ -103,7 +104,7 @@ def main() -> None:
                                compile_warmup_steps=args.warmup, log_every=args.log_every or max(args.steps // 5, 1),
                                checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
                                micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens,
-                               seed=args.seed or tcfg.seed)
+                               seed=args.seed or tcfg.seed, fp8=args.fp8 or tcfg.fp8)
     rt = init_runtime()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -111,7 +112,7 @@ def main() -> None:
     m = trainer.run().metrics
     fpt = flops_per_token(trainer.model, tcfg.seq_len)
     tok_s = m["tokens_per_second"]
-    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fused_mlp": args.fused_mlp,
+    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fused_mlp": args.fused_mlp, "fp8": tcfg.fp8,
            "doc_attention": args.doc_attention or "default", "micro_batch_tokens": tcfg.micro_batch_tokens,
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),

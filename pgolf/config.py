@@ -128,6 +128,7 @@ class TrainConfig:
     swa_every: int = param(50, ge=1)
     qat_threshold: float = param(0.0, ge=0, le=1)  # fake-quantize once the warmdown factor is below this; 0 = off
     qat_bits: int = param(6, ge=2, le=8)
+    fp8: bool = False  # the blocks' projections through FP8 matmuls (e4m3, e5m2 gradients, a scale per tensor per call)
     compile: bool = True
     compile_warmup_steps: int = param(20, ge=0)
     seed: int = param(1337, ge=0, le=2**32 - 1)

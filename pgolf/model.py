@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_ce, fused_mlp, fused_qk
+from . import fp8, fused_ce, fused_mlp, fused_qk
 from .attention import DocMask, attention, document_mask
 from .config import ModelConfig
 from .registry import Registry
@@ -62,6 +62,7 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = 0
+        self.fp8 = False  # the matmul through FP8 (train.fp8; pgolf.fp8)
         self.zero_init = zero_init
         self.lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> a delta of the output (eval's LoRA TTT)
         if zero_init:
@@ -78,7 +79,9 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T, each output channel times out_scale if given."""
-        return with_adapter(F.linear(x, self.scaled_weight(out_scale).to(x.dtype)), self.lora, x, out_scale)
+        w = self.scaled_weight(out_scale)
+        y = fp8.linear(x, w) if self.fp8 else F.linear(x, w.to(x.dtype))
+        return with_adapter(y, self.lora, x, out_scale)
 
 
 def with_adapter(y: torch.Tensor, adapter: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
@@ -140,7 +143,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
         w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
-        qkv = F.linear(x, w.to(x.dtype))
+        qkv = fp8.linear(x, w) if self.q.fp8 else F.linear(x, w.to(x.dtype))
         if self.q.lora or self.k.lora or self.v.lora:
             qkv = qkv + torch.cat([m.lora(x) if m.lora else x.new_zeros(B, T, m.out_features)
                                    for m in (self.q, self.k, self.v)], dim=-1).to(qkv.dtype)
@@ -177,7 +180,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         if self.lora is not None:
             return with_adapter(self.proj(self.act(self.fc(x), self.cfg), out_scale), self.lora, x, out_scale)
-        if self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x):
+        if self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x) and not self.fc.fp8:
             return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),  # the activation in fc's matmul
                                              self.proj.scaled_weight(out_scale).to(x.dtype), self.cfg.leaky_slope)
         return self.proj(self.act(self.fc(x), self.cfg), out_scale)
@@ -402,6 +405,12 @@ class GPT(nn.Module):
     def quantizable_linears(self) -> dict[str, nn.Module]:
         """Linear layers whose weights are worth GPTQ, by weight name."""
         return {f"{n}.weight": m for n, m in self.named_modules() if isinstance(m, CastedLinear)}
+
+    def set_fp8(self, on: bool) -> None:
+        """The blocks' projections (q, k, v, o, fc, proj) through FP8 matmuls; the head, embeddings and gates not."""
+        for b in self.blocks:
+            for m in (b.attn.q, b.attn.k, b.attn.v, b.attn.proj, b.mlp.fc, b.mlp.proj):
+                m.fp8 = on
 
     def set_qat(self, bits: int) -> None:
         for m in self.modules():

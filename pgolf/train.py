@@ -70,6 +70,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = GPT(mcfg).to(rt.device)
+        self.model.set_fp8(cfg.fp8)
         self.step_model = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         if rt.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
