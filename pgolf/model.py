@@ -178,12 +178,11 @@ class MLP(nn.Module):
         self.lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> a delta of the output (LoRA TTT's mlp)
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if self.lora is not None:
-            return with_adapter(self.proj(self.act(self.fc(x), self.cfg), out_scale), self.lora, x, out_scale)
-        if self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x) and not self.fc.fp8:
-            return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),  # the activation in fc's matmul
+        if (self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x) and self.lora is None
+                and not self.fc.fp8):  # the activation in fc's matmul
+            return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),
                                              self.proj.scaled_weight(out_scale).to(x.dtype), self.cfg.leaky_slope)
-        return self.proj(self.act(self.fc(x), self.cfg), out_scale)
+        return with_adapter(self.proj(self.act(self.fc(x), self.cfg), out_scale), self.lora, x, out_scale)
 
 
 class Block(nn.Module):
