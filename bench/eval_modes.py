@@ -9,8 +9,9 @@ runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, th
 - `document-masked`: the same windows, each target seeing only its own document;
 - `phased SGD`: phased_ttt (global SGD after each phase of the prefix, sliding windows);
 - `LoRA`: lora_ttt, per-document LoRAs in chunks of 48 (the record's settings: rank 80, Adam lr 1e-4, betas 0/0.99,
-  weight decay 0.5, 64 documents at once);
-- `LoRA + phased SGD`: lora_ttt with global SGD (lr 0.001) after each of 3 phases of the prefix.
+  weight decay 0.5, 64 documents at once), its forward compiled (eval.ttt.compile);
+- `LoRA + phased SGD`: the same with global SGD (lr 0.001) after each of 3 phases of the prefix;
+- `LoRA, eager`: the first LoRA row uncompiled (the compile's gain).
 
 The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds
 are the mode's wall time (model build excluded, first-use compiles included). The projection scales them by FineWeb's
@@ -47,13 +48,14 @@ RECORD_LORA = {"lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.5, "lora_rank
 def variants(cfg, n_docs: int) -> dict:
     """name -> EvalConfig."""
     prefix = max(1, round(PREFIX_FRACTION * n_docs))
-    lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3)
+    lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3, compile=True)
     return {
         "sliding": replace(cfg, mode="sliding", doc_mask=False),
         "document-masked": replace(cfg, mode="sliding", doc_mask=True),
         "phased SGD": replace(cfg, mode="phased_ttt", doc_mask=True, ttt=replace(cfg.ttt, prefix_docs=prefix)),
         "LoRA": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0)),
         "LoRA + phased SGD": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.001, momentum=0.9)),
+        "LoRA, eager": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, compile=False)),
     }
 
 
@@ -87,7 +89,11 @@ def main() -> None:
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        s, record = evaluate.evaluate(model, val, cfg, rt.device)
+        try:
+            s, record = evaluate.evaluate(model, val, cfg, rt.device)
+        except Exception as e:  # a row that fails (a compile on a new host) is reported; the others still run
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

@@ -218,6 +218,7 @@ class TTTConfig:
     # lora_ttt's phased global SGD (0 = off): the base model on the prefix_docs longest documents, in `phases` parts
     global_lr: float = param(0.0, ge=0)
     global_chunk_tokens: int = param(32_768, ge=1)  # one SGD step per this many scored prefix tokens
+    compile: bool = False  # lora_ttt: the model's forward compiled once, dynamic in documents and window length
 
 
 @dataclass

@@ -19,7 +19,8 @@ that document's context, so the documents' targets cover 1..N-1 once. Before eac
 many of the targets about to be trained on were scored; any that were not are counted in
 `val_tokens_trained_before_scored`, which the audit refuses.
 
-Difference from the record: eager (no compile, no length buckets yet).
+With `eval.ttt.compile` the forward is compiled once with dynamic shapes (the record compiles its TTT forward with
+dynamic=True too): the batch shrinks as documents end and the window grows chunk by chunk without recompiling.
 
 At temperature 1 a chunk's scoring forward is also its first training forward, as in the record: the NLL is tallied
 before the LoRAs step, so nothing is trained on before it is scored, and a chunk costs one forward and one backward
@@ -103,6 +104,7 @@ class LoraTTT:
     """The LoRAs of a batch of documents, attached to a model, and the score-then-adapt step."""
 
     FUSE = True  # one forward scores a chunk and starts its training (at temperature 1)
+    COMPILE_BACKEND = "inductor"  # eval.ttt.compile's (tests: aot_eager, which compiles in seconds on a CPU)
 
     def __init__(self, model: GPT, val: ValSplit, cfg: EvalConfig, device: torch.device):
         t: TTTConfig = cfg.ttt
@@ -125,6 +127,9 @@ class LoraTTT:
         self.params = [p for lora in self.loras for p in lora.parameters()]
         self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
         self.fused = self.FUSE and cfg.temperature == 1.0
+        # one graph for every batch size and window length (dynamic), one per temperature and train/eval mode
+        self.nll = (torch.compile(model.token_nll, dynamic=True, backend=self.COMPILE_BACKEND) if t.compile
+                    else model.token_nll)
 
     def attach(self, on: bool = True) -> None:
         """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
@@ -194,7 +199,7 @@ class LoraTTT:
         for _, site in self.sites:
             site.start()
         with autocast(self.device):
-            return self.model.token_nll(x, y, temperature).float()
+            return self.nll(x, y, temperature).float()
 
     def _tally(self, nll: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor) -> None:
         self.scorer.counts.index_add_(0, pos.reshape(-1), keep.reshape(-1).int())

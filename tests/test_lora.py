@@ -112,6 +112,26 @@ def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_fr
         assert all(lr.B[0].abs().sum() > 0 for lr in site.loras)  # every pass's LoRA took its own step
 
 
+def test_compiled_lora_ttt_scores_as_eager_with_a_graph_per_mode_not_per_shape(monkeypatch):
+    """eval.ttt.compile: one dynamic graph serves every batch size (documents end) and window length (chunks grow);
+    the scores are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    model = randomized(GPT(tiny_model(bos_id=BOS, layers=2)), 6)
+    val = repeating_documents()
+    runs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(lora.LoraTTT, "COMPILE_BACKEND", "aot_eager")
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        cfg = lora_cfg(compile=compiled)  # windows of 16 to 64 tokens, batches shrinking as documents end
+        runs[compiled] = evaluate(copy.deepcopy(model), val, cfg, CPU)
+    (eager, re_), (comp, rc) = runs[False], runs[True]
+    assert comp.nll_sum == pytest.approx(eager.nll_sum, rel=1e-6) and rc == re_
+    assert 0 < counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])  # train and eval, and a last chunk
+
+
 def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_run(monkeypatch):
     model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
     val = repeating_documents()
