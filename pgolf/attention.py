@@ -87,10 +87,13 @@ def document_mask(idx: torch.Tensor, bos_id: int, backend: str | None = None,
             cu = (cu.pin_memory() if idx.is_cuda else cu).to(idx.device, non_blocking=True)
         return DocMask(backend, cu)
     docs = document_ids(idx, bos_id)
-    if backend == "flex":
-        return DocMask("flex", block_mask(docs))
-    T = idx.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return DocMask("flex", block_mask(docs)) if backend == "flex" else _dense_mask(docs)
+
+
+def _dense_mask(docs: torch.Tensor) -> DocMask:
+    """(B, 1, T, T): causal inside each document of (B, T) document ids."""
+    T = docs.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
     return DocMask("dense", (causal & (docs[:, :, None] == docs[:, None, :]))[:, None])
 
 
@@ -168,9 +171,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if not (q.is_cuda and load_torch_varlen()):
         pos = torch.arange(q.size(0), device=q.device, dtype=cu_seqlens.dtype)
         docs = torch.searchsorted(cu_seqlens, pos, right=True)
-        T = q.size(0)
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, None] == docs[None, :])
-        return attention(q[None], k[None], v[None], DocMask("dense", mask[None, None]))[0]
+        return attention(q[None], k[None], v[None], _dense_mask(docs[None]))[0]
     varlen, args = _varlen
     kw = {"is_causal": True} if "is_causal" in args else {"window_size": (-1, 0)}
     if "enable_gqa" in args:

@@ -4,9 +4,10 @@ Each document is scored on its own, from its BOS, in chunks of `eval.ttt.chunk_t
 `eval.seq_len` tokens of context from inside the document. After a chunk is scored, the document's own rank-r LoRA
 takes `grad_steps` Adam steps on it, and the next chunk is scored by the adapted model. Its sites, as the record's
 (`lora_targets`): beside q, k and v; `o`, from the attention's input to its output; `mlp`, from the MLP's input to
-its output; and the head. Each pass of a looped layer has LoRAs of its own (the record's slots). `batch_docs` documents run at once, longest first, each with its own LoRA
-(batched: A (docs, r, in), B (docs, out, r)); B is zeroed before a document starts, so its LoRA starts as no change,
-while A stays warm across documents (the record's TTT_WARM_START_A). The base model is frozen.
+its output; and the head. Each pass of a looped layer has LoRAs of its own (the record's slots). `batch_docs`
+documents run at once, longest first, each with its own LoRA (batched: A (docs, r, in), B (docs, out, r)); B is
+zeroed before a document starts, so its LoRA starts as no change, while A stays warm across documents (the record's
+TTT_WARM_START_A). The base model is frozen.
 
 Phased global SGD (`global_lr` > 0), as the record runs it with the LoRAs: the `prefix_docs` longest documents are
 scored first; each time the next of `phases` equal parts of them has been scored, the base model takes one SGD step

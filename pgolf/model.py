@@ -79,9 +79,12 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T, each output channel times out_scale if given."""
-        w = self.scaled_weight(out_scale)
-        y = fp8.linear(x, w) if self.fp8 else F.linear(x, w.to(x.dtype))
-        return with_adapter(y, self.lora, x, out_scale)
+        return with_adapter(matmul(x, self.scaled_weight(out_scale), self.fp8), self.lora, x, out_scale)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, through_fp8: bool) -> torch.Tensor:
+    """x Wᵀ in x's dtype: W cast to it, or both through FP8 (train.fp8)."""
+    return fp8.linear(x, w) if through_fp8 else F.linear(x, w.to(x.dtype))
 
 
 def with_adapter(y: torch.Tensor, adapter: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
@@ -143,7 +146,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # q, k and v as one matmul: x is read once, and backward makes one dx instead of three to sum
         w = torch.cat([self.q.effective_weight(), self.k.effective_weight(), self.v.effective_weight()])
-        qkv = fp8.linear(x, w) if self.q.fp8 else F.linear(x, w.to(x.dtype))
+        qkv = matmul(x, w, self.q.fp8)
         if self.q.lora or self.k.lora or self.v.lora:
             qkv = qkv + torch.cat([m.lora(x) if m.lora else x.new_zeros(B, T, m.out_features)
                                    for m in (self.q, self.k, self.v)], dim=-1).to(qkv.dtype)

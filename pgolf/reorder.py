@@ -6,11 +6,12 @@ the output unchanged (the activation acts on each unit alone). Inside an attenti
 leaves alone can be listed in any order if q's heads of the group and their k head take the same one (the dot
 product, RMS norm and gains see a sum over dims), and v's dims in any order if `proj` takes the same one on the
 columns of every head of the group (attention mixes each dim alone; XSA's projection on v is a dot product too).
-Value embeddings add into v's dims: with them (model.ve_last) v and o keep their order. `similar` orders each MLP's units as a greedy chain of
-nearest neighbours (L1 distance between their standardized weights, the codes they become): in the column-major
-layout a context model then sees each input channel's codes change slowly from unit to unit, and in `proj`'s
-row-major rows neighbouring units' codes sit side by side; the head dims likewise. Nothing is stored: the blob holds
-the permuted model. The Hessian of each `proj`'s input is permuted with it, so GPTQ sees the same problem.
+Value embeddings add into v's dims: with them (model.ve_last) v and o keep their order. `similar` orders each MLP's
+units as a greedy chain of nearest neighbours (L1 distance between their standardized weights, the codes they
+become): in the column-major layout a context model then sees each input channel's codes change slowly from unit to
+unit, and in `proj`'s row-major rows neighbouring units' codes sit side by side; the head dims likewise. Nothing is
+stored: the blob holds the permuted model. The Hessian of each `proj`'s input is permuted with it, so GPTQ sees the
+same problem.
 """
 
 from collections.abc import Callable
