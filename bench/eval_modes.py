@@ -1,6 +1,6 @@
 """Eval modes on one checkpoint: bpb, seconds, and a projection of the seconds on 8 GPUs over FineWeb's val split.
 
-    python bench/eval_modes.py --checkpoint CKPT --mirror DIR [--preset presets/record.yaml] [--only NAME ...]
+    python bench/eval_modes.py --checkpoint CKPT --mirror DIR [--preset presets/record.yaml] [--only NAME ...] [--eager]
 
 CKPT is written by `bench/record_parity.py --save` (the record preset's trained weights, EMA, unquantized). Each row
 runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, the preset's eval settings otherwise:
@@ -11,7 +11,7 @@ runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, th
 - `LoRA`: lora_ttt, per-document LoRAs in chunks of 48 (the record's settings: rank 80, Adam lr 1e-4, betas 0/0.99,
   weight decay 0.5, 64 documents at once), its forward compiled (eval.ttt.compile);
 - `LoRA + phased SGD`: the same with global SGD (lr 0.001) after each of 3 phases of the prefix;
-- `LoRA, eager`: the first LoRA row uncompiled (the compile's gain).
+- `LoRA, eager` (with --eager): the first LoRA row uncompiled (the compile's gain).
 
 The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds
 are the mode's wall time (model build excluded, first-use compiles included). The projection scales them by FineWeb's
@@ -45,18 +45,20 @@ RECORD_LORA = {"lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.5, "lora_rank
                "chunk_tokens": 48, "batch_docs": 64, "grad_steps": 1}
 
 
-def variants(cfg, n_docs: int) -> dict:
-    """name -> EvalConfig."""
+def variants(cfg, n_docs: int, eager: bool) -> dict:
+    """name -> EvalConfig (with `eager`, LoRA uncompiled beside the compiled row)."""
     prefix = max(1, round(PREFIX_FRACTION * n_docs))
     lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3, compile=True)
-    return {
+    rows = {
         "sliding": replace(cfg, mode="sliding", doc_mask=False),
         "document-masked": replace(cfg, mode="sliding", doc_mask=True),
         "phased SGD": replace(cfg, mode="phased_ttt", doc_mask=True, ttt=replace(cfg.ttt, prefix_docs=prefix)),
         "LoRA": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0)),
         "LoRA + phased SGD": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.001, momentum=0.9)),
-        "LoRA, eager": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, compile=False)),
     }
+    if eager:
+        rows["LoRA, eager"] = replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, compile=False))
+    return rows
 
 
 def main() -> None:
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--mirror", type=Path, required=True, help="the mirror the checkpoint was trained on")
     ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
     ap.add_argument("--only", nargs="*", help="these rows only")
+    ap.add_argument("--eager", action="store_true", help="also LoRA TTT uncompiled")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("eval_modes.json"))
     args = ap.parse_args()
@@ -79,7 +82,7 @@ def main() -> None:
     val = load_val(data, params.model.vocab_size)
     n_docs = len(documents(val.tokens, params.model.bos_id))
     rows = []
-    for name, cfg in variants(params.eval, n_docs).items():
+    for name, cfg in variants(params.eval, n_docs, args.eager).items():
         if args.only and name not in args.only:
             continue
         if time.perf_counter() - t_start > args.budget_s:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One device call: document-masked attention backends (bench/doc_attention.py), then the record's own script beside
-# pgolf's record preset (bench/record_parity.py, the record side stopped after RECORD_S seconds; PARITY=0 skips it),
-# then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained (bench/eval_modes.py, no row started after
-# EVAL_S seconds of its own), then each A/B of AB (';'-separated bench/train_throughput.py flags, "" the baseline) on
-# the record preset and the mirror's shards. Expects the record's folder in .carry/record/ (fetched from
-# openai/parameter-golf, never committed) and a CaseOps mirror of the docs corpus in .carry/caseops_mirror/
-# (`pgolf mirror --caseops`). Writes under $OUT.
-#   RECORD_S=380 EVAL=1 EVAL_S=150 bash bench/parity_session.sh
+# pgolf's record preset (bench/record_parity.py, the record side stopped after RECORD_S seconds; PARITY=0 skips it;
+# CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows), then, with QUANT=1, pgolf's checkpoint
+# quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files come back xz'd in pieces for
+# bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained
+# (bench/eval_modes.py, no row started after EVAL_S seconds of its own), then each A/B of AB (';'-separated
+# bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards. Expects the
+# record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and a CaseOps mirror of the
+# docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
+#   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
+#   PARITY=0 ATTENTION=0 QUANT=1 EVAL=1 EVAL_S=300 bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--doc-attention varlen;--fused-mlp;--fp8" bash bench/parity_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
@@ -16,7 +19,12 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
   --steps "${STEPS:-300}" --batch-tokens 196608 --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
-  --out "$OUT/record_parity.json" 2>&1 | tail -40
+  --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --out "$OUT/record_parity.json" ${CONCURRENT:+--concurrent} 2>&1 | tail -40
+if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
+  python3 bench/quantize_checkpoint.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR \
+    --out-dir /tmp/quantized 2>&1 | grep -v "batch/s\]"
+  tar -C /tmp/quantized -cf - . | xz -T0 -6 | split -b 15M - "$OUT/quantized.tar.xz."
+fi
 if [ "${EVAL:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   # logged to a file first: a call cut by its limit still returns the rows finished
   python3 bench/eval_modes.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR --budget-s "${EVAL_S:-150}" \

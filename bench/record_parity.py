@@ -167,7 +167,7 @@ def summary(side: dict, batch_tokens: int, steps: int, last_step: int) -> dict:
             **{k: v for k, v in side.items() if k != "trace"}}
 
 
-def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict]:
+def table(rec: dict, pg: dict, batch_tokens: int, steps: int, concurrent: bool = False) -> tuple[str, dict]:
     ra, rb = ({s: l for s, _, l in x["trace"]} for x in (rec, pg))
     last = max(set(ra) & set(rb), default=steps)
     a, b = summary(rec, batch_tokens, steps, last), summary(pg, batch_tokens, steps, last)
@@ -183,15 +183,17 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int) -> tuple[str, dict
     row(f"mean train loss, steps {last - 99}-{last}", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
     row("pre-quant val bpb, raw weights", a["val_bpb_raw"], b["val_bpb_raw"], "{:.4f}", False)
     row("pre-quant val bpb, EMA weights", a["val_bpb_ema"], b["val_bpb_ema"], "{:.4f}", False)
-    for phase in PHASES:
+    for phase in () if concurrent else PHASES:
         row(f"ms/step, {phase}", a["phases"][phase]["ms_per_step"], b["phases"][phase]["ms_per_step"], "{:.1f}")
         row(f"tokens/s, {phase}", a["phases"][phase]["tokens_per_s"], b["phases"][phase]["tokens_per_s"], "{:,}")
     row("peak memory GiB", a["peak_memory_gib"], b["peak_memory_gib"], "{:.2f}")
     lines += ["", "attention: the record's FlashAttention-2 varlen kernels (PyTorch's) through the FA3 stand-in; pgolf's "
               f"{pg.get('doc_attention', '?')}", "val bpb: the record scores whole batches of 32 sequences of its val split (its eval truncates); pgolf "
               "every target, document-masked windows of 2048"]
-    ratio = min(b["phases"][p]["tokens_per_s"] / a["phases"][p]["tokens_per_s"] for p in PHASES)
-    return "\n".join(lines), {"record": a, "pgolf": b, "tokens_per_s_ratio_min": round(ratio, 4),
+    if concurrent:
+        lines.append("both sides ran at once on the GPU: no speed rows (each slowed the other)")
+    ratio = None if concurrent else min(b["phases"][p]["tokens_per_s"] / a["phases"][p]["tokens_per_s"] for p in PHASES)
+    return "\n".join(lines), {"record": a, "pgolf": b, "tokens_per_s_ratio_min": ratio and round(ratio, 4),
                               "loss_diff_last_100": round(b["mean_loss_last_100"] - a["mean_loss_last_100"], 4),
                               "val_bpb_ema_diff": round(b["val_bpb_ema"] - a["val_bpb_ema"], 4)}
 
@@ -201,18 +203,20 @@ def pgolf_result(out: str) -> dict:
 
 
 def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The record script, then pgolf's trainer in a process of its own, on one GPU."""
+    """The record script, then pgolf's trainer in a process of its own, on one GPU (with --concurrent, both at once:
+    the losses and val bpb are the same, the seconds are not each side's own)."""
     work = args.out.resolve().parent
-    rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
-                     work / "record_parity_record.log", args.budget_s)
-    print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped)"), flush=True)
     cmd = [sys.executable, __file__, "--side", "pgolf", "--mirror", str(args.mirror), "--preset", str(args.preset),
            "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed),
-           "--pgolf-attention", args.pgolf_attention]
+           "--pgolf-attention", args.pgolf_attention] + (["--save", str(args.save)] if args.save else [])
     log = work / "record_parity_pgolf.log"
     with open(log, "w") as f:  # streamed: a side cut by the call's limit still leaves its log
-        code = subprocess.run(cmd + (["--save", str(args.save)] if args.save else []), stdout=f,
-                              stderr=subprocess.STDOUT).returncode
+        pgolf = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT) if args.concurrent else None
+        rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
+                         work / "record_parity_record.log", args.budget_s)
+        print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped)"), flush=True)
+        pgolf = pgolf or subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        code = pgolf.wait()
     if code:
         print(f"pgolf side failed ({code}):\n{log.read_text()[-1500:]}", flush=True)
         return rec, {"trace": [], "val_bpb_raw": float("nan"), "val_bpb_ema": float("nan"),
@@ -235,6 +239,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop the record script after this many seconds")
     ap.add_argument("--pgolf-attention", choices=("varlen", "flex"), default="varlen",
                     help="pgolf's document-masked attention: the stand-in's kernel (varlen), or its default (flex)")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="both sides at once (losses and val bpb only: each slows the other, no speed rows)")
     ap.add_argument("--save", type=Path, help="write pgolf's trained weights here (bench/eval_modes.py reads them)")
     ap.add_argument("--record-log", type=Path, help="no run: the record side from a log run_record wrote ...")
     ap.add_argument("--pgolf-log", type=Path, help="... and the pgolf side from the output of --side pgolf")
@@ -255,8 +261,8 @@ def main() -> None:
         import torch
 
         gpu = torch.cuda.get_device_name()
-    text, result = table(rec, pg, args.batch_tokens, args.steps)
-    result |= {"gpu": gpu, "steps": args.steps, "batch_tokens": args.batch_tokens,
+    text, result = table(rec, pg, args.batch_tokens, args.steps, args.concurrent)
+    result |= {"gpu": gpu, "concurrent": args.concurrent, "steps": args.steps, "batch_tokens": args.batch_tokens,
                "seed": args.seed, "record_script": str(args.record), "table": text,
                "traces": {"record": rec["trace"], "pgolf": pg["trace"]}}
     print(text)
