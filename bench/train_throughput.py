@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name an older pgolf to compare
-from pgolf import attention, fused_mlp  # noqa: E402
+from pgolf import attention  # noqa: E402
 from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
 from pgolf.model import GPT, CastedLinear  # noqa: E402
 from pgolf.train import Trainer  # noqa: E402
@@ -89,11 +89,9 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0, help="0: the config's seed")
-    ap.add_argument("--fused-mlp", action="store_true", help="the LeakyReLU² MLP's fused kernel on (pgolf.fused_mlp)")
     ap.add_argument("--fp8", action="store_true", help="train.fp8: the blocks' projections through FP8 matmuls")
     ap.add_argument("--doc-attention", choices=("flex", "varlen"), help="the document masks' backend (train.doc_mask)")
     args = ap.parse_args()
-    fused_mlp.enabled = args.fused_mlp
     attention.prefer(args.doc_attention)
     if args.config == "baseline":
         mcfg, tcfg = BASELINE
@@ -112,7 +110,7 @@ def main() -> None:
     m = trainer.run().metrics
     fpt = flops_per_token(trainer.model, tcfg.seq_len)
     tok_s = m["tokens_per_second"]
-    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fused_mlp": args.fused_mlp, "fp8": tcfg.fp8,
+    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fp8": tcfg.fp8,
            "doc_attention": args.doc_attention or "default", "micro_batch_tokens": tcfg.micro_batch_tokens,
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),

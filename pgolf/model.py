@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp8, fused_ce, fused_mlp, fused_qk
+from . import fp8, fused_ce, fused_qk
 from .attention import DocMask, attention, document_mask
 from .config import ModelConfig
 from .registry import Registry
@@ -181,10 +181,6 @@ class MLP(nn.Module):
         self.lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> a delta of the output (LoRA TTT's mlp)
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.training and self.cfg.activation == "leaky_relu2" and fused_mlp.usable(x) and self.lora is None
-                and not self.fc.fp8):  # the activation in fc's matmul
-            return fused_mlp.leaky_relu2_mlp(x, self.fc.effective_weight().to(x.dtype),
-                                             self.proj.scaled_weight(out_scale).to(x.dtype), self.cfg.leaky_slope)
         return with_adapter(self.proj(self.act(self.fc(x), self.cfg), out_scale), self.lora, x, out_scale)
 
 

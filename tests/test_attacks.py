@@ -243,7 +243,6 @@ def test_quantize_names_the_real_cause_nan_weights_or_a_limit_below_the_script(t
     import subprocess
     import sys
 
-    import torch
     import yaml
     from conftest import run
     from test_reliability import stage_dir
