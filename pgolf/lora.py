@@ -181,17 +181,19 @@ class LoraTTT:
     def step(self, active: list[tuple[int, ...]], opt: torch.optim.Optimizer) -> None:
         """Score the active documents' chunks, then train each one's LoRA on its chunk (not on a document's last
         chunk: nothing of it is left to score). Fused (temperature 1, as the record): the scoring forward is the first
-        training forward, its NLL tallied before any LoRA steps; one forward a chunk saved."""
+        training forward, its NLL tallied before any LoRA steps; one forward a chunk saved, and every forward runs in
+        one mode (a compiled forward: one graph)."""
         learn = [a[2] < a[4] for a in active]
-        if not (self.fused and any(learn)):
+        if not self.fused:
             self.score(active)
             self.adapt([a for a, on in zip(active, learn) if on], opt)
             return
         x, y, keep, pos = self._batch(active)
         self.model.train()
-        nll = self._forward(active, x, y, 1.0)
+        nll = self._forward(active, x, y, 1.0)  # with grad even where nothing trains: one compiled graph, not two
         self._tally(nll.detach(), keep, pos)
-        self._train(active, x, y, keep * torch.tensor(learn, device=keep.device)[:, None], pos, opt, nll)
+        if any(learn):
+            self._train(active, x, y, keep * torch.tensor(learn, device=keep.device)[:, None], pos, opt, nll)
 
     def _forward(self, active, x, y, temperature: float) -> torch.Tensor:
         rows = torch.tensor([slot for slot, *_ in active], device=self.device)

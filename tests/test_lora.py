@@ -113,8 +113,8 @@ def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_fr
 
 
 def test_compiled_lora_ttt_scores_as_eager_with_a_graph_per_mode_not_per_shape(monkeypatch):
-    """eval.ttt.compile: one dynamic graph serves every batch size (documents end) and window length (chunks grow);
-    the scores are the eager run's."""
+    """eval.ttt.compile: one dynamic graph serves every batch size (documents end), window length (chunks grow) and
+    chunk, trained or not (a document's last); the scores are the eager run's."""
     from torch._dynamo.utils import counters
 
     model = randomized(GPT(tiny_model(bos_id=BOS, layers=2)), 6)
@@ -129,7 +129,7 @@ def test_compiled_lora_ttt_scores_as_eager_with_a_graph_per_mode_not_per_shape(m
         runs[compiled] = evaluate(copy.deepcopy(model), val, cfg, CPU)
     (eager, re_), (comp, rc) = runs[False], runs[True]
     assert comp.nll_sum == pytest.approx(eager.nll_sum, rel=1e-6) and rc == re_
-    assert 0 < counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])  # train and eval, and a last chunk
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # each cold inductor compile: minutes
 
 
 def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_run(monkeypatch):
