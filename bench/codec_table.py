@@ -3,10 +3,13 @@ blob's chunks and compressed on all cores as pack does: bytes against the order-
 and to decompress. The plan's sample trials decide the blob; this says what each choice does on all of it.
 
     python bench/codec_table.py [--quantized=A.safetensors,B.safetensors] [--layouts=int8,col]
-                                [--streams=group,type] [--out=PATH] zpaq zpaq_o1 brotli
+                                [--streams=group,type] [--slack=4096] [--out=PATH] zpaq zpaq_o1 brotli auto
 
 Several quantized files compare what was done before the codes (compress.reorder: quantize once with none and once
-with similar; the file's name labels its rows).
+with similar; the file's name labels its rows; bench/quantize_checkpoint.py writes both from a trained checkpoint).
+The codec `auto` is compress's own choice: the plan's sample trials pick each stream's pair among the --layouts given
+(`auto`: all of them; `int8`: row-major only), at --slack (default 4096, the presets'), and the blob is packed and
+unpacked whole.
 """
 
 import itertools
@@ -44,6 +47,23 @@ def measure(result: quant.QuantResult, codec: str, layout: str, grouping: str) -
             "stream_bytes": sizes}
 
 
+def measure_auto(result: quant.QuantResult, meta: dict, layout: str, grouping: str, slack: int) -> dict:
+    """What compress does with codec auto: the plan's sample trials pick each stream's (layout, codec) from `layout`
+    (auto: every layout), then the whole blob is packed and unpacked."""
+    t0 = time.perf_counter()
+    plan = pack.plan_streams(result, "auto", layout, slack=slack, streams=grouping)
+    blob, report = pack.pack(result, meta, plan, streams=grouping)
+    t1 = time.perf_counter()
+    pack.unpack(blob)
+    t2 = time.perf_counter()
+    codes = {n: r for n, r in report.items() if n.startswith("codes.")}
+    packed, entropy = sum(r["packed"] for r in codes.values()), sum(r["entropy"] for r in codes.values())
+    return {"codec": "auto", "layout": layout, "streams": grouping, "codes_bytes": packed,
+            "codes_entropy_bytes": entropy, "vs_order0": round(packed / entropy - 1, 5), "total_bytes": len(blob),
+            "compress_s": round(t1 - t0, 2), "decompress_s": round(t2 - t1, 2),
+            "picked": {n: f"{r['codec']} {r['layout']}" for n, r in codes.items()}}
+
+
 def main() -> None:
     options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["zpaq", "zpaq_o1", "brotli"]
@@ -52,9 +72,13 @@ def main() -> None:
     out = Path(options.get("out", "bench/results/codec_table.json"))
     rows = []
     for file in files:
-        result, _ = quant.load_quantized(file)
+        result, meta = quant.load_quantized(file)
         for codec, layout, grouping in itertools.product(names, layouts, groupings):
-            rows.append({"model": Path(file).stem, **measure(result, codec, layout, grouping)})
+            if layout == "auto" and codec != "auto":  # a choice among layouts: the planner's
+                continue
+            row = (measure_auto(result, meta, layout, grouping, int(options.get("slack", 4096))) if codec == "auto"
+                   else measure(result, codec, layout, grouping))
+            rows.append({"model": Path(file).stem, **row})
             print(json.dumps(rows[-1]), flush=True)
             save(out, {"cores": os.cpu_count()}, rows)
     print_table(rows, {"model": "{model}", "codec": "{codec}", "layout": "{layout}", "streams": "{streams}",
