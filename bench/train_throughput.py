@@ -19,7 +19,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name
 from pgolf import attention  # noqa: E402
 from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
 from pgolf.model import GPT, CastedLinear  # noqa: E402
-from pgolf.train import Trainer  # noqa: E402
+from pgolf.train import COMPILE_MODES, Trainer  # noqa: E402
 
 try:
     from pgolf.runtime import init as init_runtime  # noqa: E402
@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0, help="0: the config's seed")
     ap.add_argument("--fp8", action="store_true", help="train.fp8: the blocks' projections through FP8 matmuls")
+    ap.add_argument("--compile-mode", choices=list(COMPILE_MODES), help="train.compile_mode (cuda_graphs: the step "
+                    "recorded and replayed as CUDA graphs)")
     ap.add_argument("--doc-attention", choices=("flex", "varlen"), help="the document masks' backend (train.doc_mask)")
     args = ap.parse_args()
     attention.prefer(args.doc_attention)
@@ -102,7 +104,8 @@ def main() -> None:
                                compile_warmup_steps=args.warmup, log_every=args.log_every or max(args.steps // 5, 1),
                                checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
                                micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens,
-                               seed=args.seed or tcfg.seed, fp8=args.fp8 or tcfg.fp8)
+                               seed=args.seed or tcfg.seed, fp8=args.fp8 or tcfg.fp8,
+                               compile_mode=args.compile_mode or tcfg.compile_mode)
     rt = init_runtime()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +113,7 @@ def main() -> None:
     m = trainer.run().metrics
     fpt = flops_per_token(trainer.model, tcfg.seq_len)
     tok_s = m["tokens_per_second"]
-    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fp8": tcfg.fp8,
+    row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fp8": tcfg.fp8, "compile_mode": tcfg.compile_mode,
            "doc_attention": args.doc_attention or "default", "micro_batch_tokens": tcfg.micro_batch_tokens,
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),

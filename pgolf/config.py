@@ -130,6 +130,7 @@ class TrainConfig:
     qat_bits: int = param(6, ge=2, le=8)
     fp8: bool = False  # the blocks' projections through FP8 matmuls (e4m3, e5m2 gradients, a scale per tensor per call)
     compile: bool = True
+    compile_mode: str = param("default", choices="pgolf.train:COMPILE_MODES")  # cuda_graphs: the step replayed
     compile_warmup_steps: int = param(20, ge=0)
     seed: int = param(1337, ge=0, le=2**32 - 1)
     nproc_per_node: str = param("gpu", pattern=NPROC)

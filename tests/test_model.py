@@ -287,3 +287,21 @@ def test_optimizers_carry_separate_weight_decays_and_adam_beta2():
     assert decays == [0.085, 0.02, 0.02] and all(g["betas"] == (0.9, 0.99) for g in adam.param_groups)
     embeds = {id(p) for p in adam.param_groups[0]["params"]}
     assert len(embeds) == 2  # tok_emb and the bigram table
+
+
+def test_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refused(tmp_path, monkeypatch):
+    """train.compile_mode: cuda_graphs asks inductor to record and replay the compiled step (reduce-overhead), the
+    default asks nothing more; a name the registry lacks is one line naming the key and the valid names."""
+    from pgolf import train
+    from pgolf.config import check_fields
+    from pgolf.errors import PgolfError
+
+    make_shards(tmp_path)
+    asked = []
+    monkeypatch.setattr(train.torch, "compile", lambda model, **kw: asked.append(kw) or model)
+    for mode in ("default", "cuda_graphs"):
+        cfg = tiny_train(iterations=2, compile=True, compile_warmup_steps=0, compile_mode=mode)
+        Trainer(tiny_model(), cfg, tmp_path, CPU, log=lambda s: None).run()
+    assert asked == [{"dynamic": False}, {"dynamic": False, "mode": "reduce-overhead"}]
+    with pytest.raises(PgolfError, match=r"^train.compile_mode: 'cudagraphs'; expected one of default, cuda_graphs$"):
+        check_fields(tiny_train(compile_mode="cudagraphs"), "train")
