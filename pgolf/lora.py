@@ -194,6 +194,8 @@ class LoraTTT:
         self._tally(nll.detach(), keep, pos)
         if any(learn):
             self._train(active, x, y, keep * torch.tensor(learn, device=keep.device)[:, None], pos, opt, nll)
+        else:
+            self.model.eval()  # as _train leaves it
 
     def _forward(self, active, x, y, temperature: float) -> torch.Tensor:
         rows = torch.tensor([slot for slot, *_ in active], device=self.device)

@@ -33,7 +33,7 @@ SYNC_EVERY = 16  # steps the host may queue between waits for the GPU (the clock
 
 # train.compile_mode -> torch.compile's options. cuda_graphs: inductor records the compiled forward and backward as
 # CUDA graphs and replays them (one launch each instead of hundreds: the record preset's step left the GPU idle 16 %
-# of the time with the host blocked on launches); on a CPU there is nothing to record and it is the default.
+# of the time with the host blocked on launches); on a CPU inductor records nothing, so it runs as default.
 COMPILE_MODES: Registry[dict] = Registry("train.compile_mode")
 COMPILE_MODES.add("default", {})
 COMPILE_MODES.add("cuda_graphs", {"mode": "reduce-overhead"})

@@ -112,7 +112,7 @@ def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_fr
         assert all(lr.B[0].abs().sum() > 0 for lr in site.loras)  # every pass's LoRA took its own step
 
 
-def test_compiled_lora_ttt_scores_as_eager_with_a_graph_per_mode_not_per_shape(monkeypatch):
+def test_compiled_lora_ttt_scores_as_eager_with_one_graph_for_every_shape(monkeypatch):
     """eval.ttt.compile: one dynamic graph serves every batch size (documents end), window length (chunks grow) and
     chunk, trained or not (a document's last); the scores are the eager run's."""
     from torch._dynamo.utils import counters
