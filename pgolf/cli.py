@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except PgolfError as e:
         sys.exit(f"error: pgolf {args.command}: {e}")
-    except KeyboardInterrupt:
-        launch.ignore_signals()
-        sys.exit(f"error: pgolf {args.command}: interrupted")
     except BrokenPipeError:  # `pgolf compare | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except (KeyboardInterrupt, Exception) as e:
+        if not launch.caused_by_interrupt(e):
+            raise
+        launch.ignore_signals()
+        sys.exit(f"error: pgolf {args.command}: interrupted")
 
 
 if __name__ == "__main__":

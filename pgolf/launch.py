@@ -34,6 +34,18 @@ def interrupt_once(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, or an error it led to: a signal that lands while an extension module initializes
+    (sentencepiece, torch) surfaces as `ImportError: initialization failed`, chained to the interrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def resolve_nproc(value: str, key: str, visible_gpus: int) -> int:
     """`gpu` = every visible GPU (one process without any), or a count no larger than the GPUs visible."""
     if value == "gpu":

@@ -39,7 +39,9 @@ def run(main: Callable[[], dict | None], name: str) -> None:
         where = f"{e.filename}: " if e.filename else ""
         launch.report_error(f"error: {name}: {where}{e.strerror or e}")
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as e:
+        if not launch.caused_by_interrupt(e):
+            raise
         launch.ignore_signals()  # Ctrl-C began it (SIGTERM's handler ignores them already)
         if not launch.is_worker():  # the launcher reports the interrupt once for all ranks
             print(f"error: {name}: interrupted", file=sys.stderr)

@@ -326,3 +326,52 @@ def test_a_sigterm_during_pgolf_mirror_leaves_no_temporary_and_no_traceback(tmp_
     _, err = p.communicate(timeout=60)
     assert p.returncode == 1 and err.strip() == "error: pgolf mirror: interrupted", err
     assert not list(tmp_path.glob(".m.*")) and not (tmp_path / "m").exists()
+
+
+@pytest.fixture
+def signals_restored():
+    """The handlers main() and stage.run install (and the ignoring an interrupt leaves) undone after the test."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def _extension_init_interrupted():
+    """What a signal landing inside a C extension's module init (sentencepiece's, torch's) raises."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        raise ImportError("initialization failed") from e
+
+
+def test_an_interrupt_that_surfaces_as_an_import_error_is_still_one_line_from_pgolf(monkeypatch, signals_restored):
+    import pgolf.corpus
+    from pgolf import cli
+
+    monkeypatch.setattr(pgolf.corpus, "write_mirror", lambda *a, **k: _extension_init_interrupted())
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["mirror", "corpus.txt", "--out", "m"])
+    assert exit_.value.code == "error: pgolf mirror: interrupted"
+
+
+def test_an_interrupt_that_surfaces_as_an_import_error_is_still_one_line_from_a_stage(tmp_path, monkeypatch, capsys, signals_restored):
+    from pgolf import paths, stage
+
+    monkeypatch.setattr(paths, "ARTIFACTS", tmp_path / "artifacts")
+    with pytest.raises(SystemExit) as exit_:
+        stage.run(_extension_init_interrupted, "train")
+    assert exit_.value.code == 130 and capsys.readouterr().err.strip() == "error: train: interrupted"
+
+
+def test_an_unrelated_import_error_still_raises_from_a_stage(tmp_path, monkeypatch, signals_restored):
+    from pgolf import paths, stage
+
+    def broken():
+        raise ImportError("no module named x")
+
+    monkeypatch.setattr(paths, "ARTIFACTS", tmp_path / "artifacts")
+    with pytest.raises(ImportError, match="no module named x"):
+        stage.run(broken, "train")
