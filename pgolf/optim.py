@@ -1,5 +1,6 @@
 """Muon for hidden matrices, AdamW for the rest, and the LR schedule keyed to wallclock or steps."""
 
+import math
 from collections import defaultdict
 
 import torch
@@ -47,7 +48,10 @@ class Muon(torch.optim.Optimizer):
 
     Under torch.distributed, rank r orthogonalizes matrices r, r+world, ... of each shape and the
     results are all-gathered, so the work is shared rather than repeated (gradients must already be
-    averaged, as DDP does). Momentum buffers live only on the rank that owns the matrix.
+    averaged, as DDP does, overlapped with the backward). Each shape's all-gather is asynchronous and
+    moves Newton-Schulz's own output (bf16 on a GPU: half the bytes of float32, and lossless), so it
+    runs while the next shape is orthogonalized; the largest shapes go first. Momentum buffers live
+    only on the rank that owns the matrix.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0,
@@ -58,14 +62,26 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
+        launched = []
         for group in self.param_groups:
             by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
                 by_shape[tuple(p.shape)].append(p)
-            for shape, params in by_shape.items():
-                self._step_shape(group, shape, params)
+            for shape in sorted(by_shape, key=lambda s: -math.prod(s)):
+                launched.append((group, shape, by_shape[shape], *self._orthogonalize(group, shape, by_shape[shape])))
+        for group, shape, params, U, gather in launched:
+            if gather is not None:
+                gather.wait()
+                per_rank = U.size(0) // self.world  # rank r's block holds matrices r, r+world, ...
+                U = U[[(i % self.world) * per_rank + i // self.world for i in range(len(params))]]
+            updates = U[:len(params)].to(torch.float32) * max(1.0, shape[0] / shape[1]) ** 0.5
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
-    def _step_shape(self, group: dict, shape: tuple, params: list[torch.Tensor]) -> None:
+    def _orthogonalize(self, group: dict, shape: tuple, params: list[torch.Tensor]) -> tuple:
+        """This rank's matrices of one shape orthogonalized, and (distributed) the started all-gather of every
+        rank's: (the updates, or the buffer the gather fills; its handle or None)."""
         mine = params[self.rank::self.world]
         per_rank = -(-len(params) // self.world)
         momentum = group["momentum"]
@@ -79,17 +95,11 @@ class Muon(torch.optim.Optimizer):
         G = torch.stack(rows)
         if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
             G = G / (G.norm(dim=-1, keepdim=True) + 1e-7)
-        U = newton_schulz(G, group["ns_steps"], group["ns_coeffs"]).to(torch.float32)
-        U *= max(1.0, shape[0] / shape[1]) ** 0.5
-        if self.world > 1:
-            gathered = torch.empty((self.world * per_rank, *shape), device=U.device, dtype=U.dtype)
-            _all_gather(gathered, U)  # rank r's block holds matrices r, r+world, ...
-            updates = [gathered[(i % self.world) * per_rank + i // self.world] for i in range(len(params))]
-        else:
-            updates = list(U.unbind(0)[:len(params)])
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        torch._foreach_add_(params, updates, alpha=-group["lr"])
+        U = newton_schulz(G, group["ns_steps"], group["ns_coeffs"])
+        if self.world == 1:
+            return U, None
+        gathered = torch.empty((self.world * per_rank, *shape), device=U.device, dtype=U.dtype)
+        return gathered, _all_gather(gathered, U.contiguous(), async_op=True)
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
