@@ -5,12 +5,14 @@
 # quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files come back xz'd in pieces for
 # bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained
 # (bench/eval_modes.py, no row started after EVAL_S seconds of its own), then each A/B of AB (';'-separated
-# bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards. Expects the
+# bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards, then, with SCALE=1
+# on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling efficiency). Expects the
 # record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and a CaseOps mirror of the
 # docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
 #   PARITY=0 ATTENTION=0 QUANT=1 EVAL=1 EVAL_S=300 bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
+#   ATTENTION=0 PARITY=0 SCALE=1 bash bench/parity_session.sh       (kind nvidia-h200-x2)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -41,4 +43,15 @@ if [ -n "${AB:-}" ]; then
       --tag "$tag" $flags 2>&1 | tail -3
     cp "bench/results/train_throughput_$tag.json" "$OUT/" 2>/dev/null
   done
+fi
+if [ "${SCALE:-0}" = 1 ]; then
+  DATA=$(dirname "$(ls $MIRROR/datasets/datasets/*/fineweb_train_000000.bin)")
+  S="bench/train_throughput.py --config presets/record.yaml --data $DATA --steps ${AB_STEPS:-40}"
+  # shellcheck disable=SC2086
+  python3 -m torch.distributed.run --standalone --nproc_per_node 2 $S --tag record_scale_w2 2>&1 | tail -3
+  # shellcheck disable=SC2086
+  CUDA_VISIBLE_DEVICES=0 python3 $S --tag record_scale_w1 2>&1 | tail -3
+  cp bench/results/train_throughput_record_scale_w*.json "$OUT/" 2>/dev/null
+  python3 -c "import json; w1, w2 = (json.load(open(f'bench/results/train_throughput_record_scale_w{n}.json'))['tokens_per_s']
+for n in (1, 2)); print(f'scaling efficiency on 2 GPUs: {w2 / (2 * w1):.1%} ({w2:,.0f} vs 2 x {w1:,.0f} tokens/s)')"
 fi
