@@ -122,6 +122,7 @@ class TrainConfig:
     adam_wd: float = param(0.0, ge=0)  # scalars, gates and the untied head
     embed_wd: float = param(0.0, ge=0)  # embedding tables
     grad_clip: float = param(0.0, ge=0)  # 0 = off
+    grad_clip_scope: str = param("global", choices="pgolf.train:GRAD_CLIP_SCOPES")  # rank: each rank's, pre-average
     ema_decay: float = param(0.997, ge=0, le=1)
     swa: bool = False
     swa_threshold: float = param(0.2, ge=0, le=1)  # average every swa_every steps once the warmdown factor is below this

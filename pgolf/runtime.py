@@ -53,6 +53,23 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def average_grads(params: list[torch.Tensor]) -> None:
+    """Each gradient replaced by its mean over ranks (what DDP does during the backward), one all-reduce per dtype
+    over the gradients laid end to end."""
+    world = rank_world()[1]
+    if world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
 def all_max(value: float, device: torch.device) -> float:
     if rank_world()[1] == 1:
         return value

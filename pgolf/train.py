@@ -27,7 +27,7 @@ from .data import TrainLoader, shard_paths
 from .errors import PgolfError
 from .model import GPT, autocast
 from .registry import Registry
-from .runtime import Runtime, all_max, gpu_name
+from .runtime import Runtime, all_max, average_grads, gpu_name
 
 SYNC_EVERY = 16  # steps the host may queue between waits for the GPU (the clock is exact at each wait)
 
@@ -37,6 +37,13 @@ SYNC_EVERY = 16  # steps the host may queue between waits for the GPU (the clock
 COMPILE_MODES: Registry[dict] = Registry("train.compile_mode")
 COMPILE_MODES.add("default", {})
 COMPILE_MODES.add("cuda_graphs", {"mode": "reduce-overhead"})
+
+# train.grad_clip_scope: does train.grad_clip measure each rank's own gradient, before the ranks average them?
+GRAD_CLIP_SCOPES: Registry[bool] = Registry("train.grad_clip_scope")
+GRAD_CLIP_SCOPES.add("global", False)  # the averaged gradient (DDP averages it during the backward, overlapped)
+# the records' since the parameter banks: each rank clips its own gradient, its optimizer averages them afterwards
+# (on 8 GPUs a rank's gradient of 1/8 of the batch is noisier, so the clip bites more often); no overlap
+GRAD_CLIP_SCOPES.add("rank", True)
 
 
 def run_hash(mcfg: ModelConfig, cfg: TrainConfig, data_id: str, world: int) -> str:
@@ -114,18 +121,21 @@ class Trainer:
     def train_step(self, scale: float) -> torch.Tensor:
         cfg, model = self.cfg, self.step_model
         total = torch.zeros((), device=self.rt.device)
+        clip_first = self.rt.world > 1 and cfg.grad_clip > 0 and GRAD_CLIP_SCOPES[cfg.grad_clip_scope]
         for micro in range(self.accum):
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
             # the mask is built here, outside the compiled model: built inside it (FlexAttention's block mask traced
             # into the graph), training on one H200 turned NaN at the second step; passed in, it compiles once
             mask = document_mask(x, self.mcfg.bos_id, host_idx=self.loader.host_inputs) if cfg.doc_mask else None
-            sync = micro == self.accum - 1 or self.rt.world == 1
+            sync = (micro == self.accum - 1 or self.rt.world == 1) and not clip_first
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):
                 loss = model(x, y, mask)
             (loss / self.accum).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if clip_first:
+            average_grads(self.params)
         optim.apply_schedule(self.opts, scale, optim.muon_momentum(self.step, cfg))
         for opt in self.opts:
             opt.step()

@@ -103,6 +103,22 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def test_a_rank_scoped_clip_clips_before_the_average_and_averages_as_ddp_does(tmp_path):
+    """train.grad_clip_scope: rank clips each rank's gradient and then averages them itself: with a clip that never
+    bites, that average equals DDP's bit for bit (a sum of two, halved: exact either way); with one that bites every
+    step, the run differs from clipping the averaged gradient."""
+    runs = {}
+    for name, clip, scope in (("global", 1e-3, "global"), ("rank", 1e-3, "rank"), ("loose", 1e9, "rank"),
+                              ("loose_global", 1e9, "global")):
+        runs[name] = stage_dir(tmp_path, name, {"iterations": 4, "nproc_per_node": "2", "grad_clip": clip,
+                                                 "grad_clip_scope": scope})
+        run(train_cmd(), runs[name], OMP_NUM_THREADS="1")
+    w = {name: weights(d) for name, d in runs.items()}
+    assert all(torch.equal(w["loose"][k], w["loose_global"][k]) for k in w["loose"])
+    assert not all(torch.equal(w["rank"][k], w["global"][k]) for k in w["rank"])
+    assert not all(torch.equal(w["rank"][k], w["loose"][k]) for k in w["rank"])  # the clip bit
+
+
 def test_a_crashing_rank_fails_the_stage_fast_with_one_line(tmp_path):
     d = stage_dir(tmp_path, "crash", {"nproc_per_node": "2"})
     (d / "artifacts/tokenize/data/train_000001.bin").write_bytes(b"\0" * 10)  # every rank trips over it
