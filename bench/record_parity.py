@@ -9,7 +9,8 @@ install (PyTorch's FlashAttention-2 varlen kernels; pgolf's side takes the same 
 its dataset folder (DATA_PATH, with the val_bytes sidecars) and tokenizer, pgolf's trainer the same shards. Both run
 --steps steps with no wallclock cap (the schedule, the loop switch at 35 % and the warmdown keyed to steps), one after
 the other in their own processes. Prints one table: train loss every 25 steps side by side, the mean over the last 100
-steps, pre-quantization val bpb (raw and EMA weights, document-masked plain windows as the record scores them), ms/step
+steps, pre-quantization val bpb (raw and EMA weights; pgolf's also on the record's targets in the record's eval contexts,
+`record_segments`), ms/step
 and tokens/s before and after the loops switch on, peak memory, compile time. Writes --out, and `record_parity` in
 bench/results.json with --results.
 """
@@ -132,15 +133,14 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
     result = trainer.run()
     val = load_val(data, params.model.vocab_size)
     model = GPT(params.model).to(rt.device)
-    subset = val.head(record_targets(val.tokens.numel(), cfg.seq_len) + 1)
     bpb = {}
     for name, weights in (("raw", result.raw), ("ema", result.ema)):
         model.load_state_dict({k: v.to(rt.device) for k, v in weights.items()} if name == "raw" else
                               {**{k: v.to(rt.device) for k, v in result.raw.items()}, **weights})
         model.passes = result.passes
         bpb[name] = score(model, val, cfg.seq_len, 0, 32, device=rt.device, doc_mask=True).bpb
-        bpb[f"{name}_record_targets"] = score(model, subset, cfg.seq_len, 0, 32, device=rt.device, doc_mask=True,
-                                              what="the record's targets").bpb
+        bpb[f"{name}_record_targets"] = score_segments(model, val, record_segments(val.tokens, params.model.bos_id,
+                                                                                   cfg.seq_len), cfg.seq_len, rt.device)
     c = calibrate(model, params.calibrate, data, rt.device)  # the preset's calibration, counted in the train budget
     if save:
         torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "passes": result.passes,
@@ -150,6 +150,38 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
             "val_bpb_ema_record_targets": bpb["ema_record_targets"],
             "peak_memory_gib": result.metrics["peak_memory_gib"], "compile_s": result.metrics["compile_seconds"],
             "calibrate_s": round(c.seconds, 2), "calibrate_tokens": c.tokens, "wall_s": time.perf_counter() - t0}
+
+
+def record_segments(tokens, bos_id: int, seq_len: int) -> list[tuple[int, int]]:
+    """The stretches of inputs [s, e) the record's eval attends within (targets s+1..e): its batches of
+    RECORD_VAL_SEQS * seq_len inputs, each cut at every BOS and every seq_len tokens from a document's start (its
+    cu_seqlens), over the targets it scores (`record_targets`)."""
+    import torch
+
+    n, batch = record_targets(tokens.numel(), seq_len), RECORD_VAL_SEQS * seq_len
+    out = []
+    for b0 in range(0, n, batch):
+        x = tokens[b0:b0 + batch]
+        starts = [0] + [int(p) for p in torch.nonzero(x == bos_id).flatten() if p > 0]
+        for a, b in zip(starts, starts[1:] + [x.numel()]):
+            out += [(b0 + s, b0 + min(s + seq_len, b)) for s in range(a, b, seq_len)]
+    return out
+
+
+def score_segments(model, val, segments: list[tuple[int, int]], seq_len: int, device) -> float:
+    """bpb of the targets of `segments`, each seeing only its own segment (the record's eval contexts: a window from
+    the segment's start, document-masked, so the tokens after it are never seen and the ones before it are not in
+    the window). Every target up to the last segment's end is scored exactly once."""
+    from pgolf.score import Scorer, Window
+
+    scorer = Scorer(val, seq_len, 32, 1.0, device, doc_mask=True)
+    if segments[-1][0] + scorer.L >= val.tokens.numel():
+        raise SystemExit(f"the record's last segment starts at {segments[-1][0]}: its window runs past the split")
+    scorer.score(model, [Window(s, 0, e - s) for s, e in segments])
+    counts, n = scorer.counts.cpu(), segments[-1][1]
+    if not (bool((counts[1:n + 1] == 1).all()) and int(counts[n + 1:].sum()) == 0 and int(counts[0]) == 0):
+        raise SystemExit("the record's segments do not score each of its targets exactly once")
+    return float(scorer.nll_sum) / math.log(2) / float((scorer.bytes * scorer.counts).sum())
 
 
 def record_targets(n_tokens: int, seq_len: int) -> int:
@@ -195,15 +227,17 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int, concurrent: bool =
     row(f"mean train loss, steps {last - 99}-{last}", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
     for w in ("raw", "ema"):
         same = b.get(f"val_bpb_{w}_record_targets", float("nan"))  # absent from logs of earlier calls
-        row(f"pre-quant val bpb, {w} weights, the record's targets", a[f"val_bpb_{w}"], same, "{:.4f}", False)
+        row(f"pre-quant val bpb, {w} weights, the record's targets and contexts", a[f"val_bpb_{w}"], same, "{:.4f}", False)
         lines.append(f"| pre-quant val bpb, {w} weights, every target | – | {b[f'val_bpb_{w}']:.4f} | – |")
     for phase in () if concurrent else PHASES:
         row(f"ms/step, {phase}", a["phases"][phase]["ms_per_step"], b["phases"][phase]["ms_per_step"], "{:.1f}")
         row(f"tokens/s, {phase}", a["phases"][phase]["tokens_per_s"], b["phases"][phase]["tokens_per_s"], "{:,}")
     row("peak memory GiB", a["peak_memory_gib"], b["peak_memory_gib"], "{:.2f}")
     lines += ["", "attention: the record's FlashAttention-2 varlen kernels (PyTorch's) through the FA3 stand-in; pgolf's "
-              f"{pg.get('doc_attention', '?')}", "val bpb: document-masked windows of 2048 on both sides; the record scores whole batches of "
-              f"{RECORD_VAL_SEQS} of them (its eval drops the rest of the split), pgolf those targets and every target"]
+              f"{pg.get('doc_attention', '?')}", "val bpb: the record scores whole batches of "
+              f"{RECORD_VAL_SEQS} x 2048 inputs (its eval drops the rest of the split), attending within stretches cut at "
+              "every BOS, every 2048 tokens from a document's start and each batch's start; pgolf those targets in those "
+              "contexts, and every target in document-masked windows of 2048"]
     if concurrent:
         lines.append("both sides ran at once on the GPU: no speed rows (each slowed the other)")
     ratio = None if concurrent else min(b["phases"][p]["tokens_per_s"] / a["phases"][p]["tokens_per_s"] for p in PHASES)

@@ -234,3 +234,35 @@ def test_a_preferred_document_mask_backend_holds_on_cuda_only_until_reset():
     finally:
         attention.prefer(None)
     assert attention.default_backend(cuda) == default
+
+
+def test_the_parity_bench_scores_the_records_eval_contexts_each_as_if_alone(monkeypatch):
+    """bench/record_parity.py's like-for-like val row scores pgolf's model in the record's eval contexts: its batches
+    of 32 windows' worth of inputs, cut at every BOS, every seq_len tokens from a document's start and at each batch's
+    start (its cu_seqlens). Every target it scores is scored once, with the loss of its segment run alone."""
+    import math
+
+    from pgolf.data import ValSplit
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import record_parity
+
+    model = randomized(tiny_model(**RECORD_LIKE))
+    docs = packed_documents([30, 5, 70, 200, 12, 300, 9, 40], seed=5)
+    tokens = torch.cat(docs)
+    starts = torch.cumsum(torch.tensor([0] + [d.numel() for d in docs]), 0)
+    segments = record_parity.record_segments(tokens, BOS, 8)
+    batch = record_parity.RECORD_VAL_SEQS * 8
+    assert [s for s, _ in segments][0] == 0 and all(a[1] == b[0] for a, b in zip(segments, segments[1:]))
+    assert segments[-1][1] == record_parity.record_targets(tokens.numel(), 8) == 2 * batch  # the rest dropped
+    for s, e in segments:
+        doc = int((starts <= s).sum()) - 1
+        assert e - s <= 8 and e <= starts[doc + 1]  # inside one document
+        assert (s - max(int(starts[doc]), s // batch * batch)) % 8 == 0  # every 8 from the document's (or batch's) start
+    mid_document = (batch - int(starts[int((starts <= batch).sum()) - 1])) % 8  # 256 is off its document's grid
+    assert mid_document and any(s == batch for s, _ in segments)  # yet a batch restarts the context there
+    with torch.no_grad():
+        alone = sum(model.token_nll(tokens[None, s:e], tokens[None, s + 1:e + 1]).sum().item() for s, e in segments)
+    val = ValSplit(tokens, torch.ones_like(tokens))
+    bpb = record_parity.score_segments(model, val, segments, 8, torch.device("cpu"))
+    assert abs(bpb - alone / math.log(2) / (2 * batch)) < 1e-5
