@@ -1,4 +1,5 @@
-"""The trainer: DDP over 1..N processes, the challenge's wallclock cap, EMA/SWA, late QAT, resumable.
+"""The trainer: 1..N processes (DDP, or its own gradient average after a rank-scoped clip), the challenge's
+wallclock cap, EMA/SWA, late QAT, resumable.
 
 A step: accumulate gradients over micro-batches, clip, apply the schedule, step Muon and AdamW, then
 update the EMA (and SWA). The clock counts only training steps; compile warm-up, logging, validation
@@ -88,7 +89,13 @@ class Trainer:
         self.model.set_fp8(cfg.fp8)
         self.step_model = (torch.compile(self.model, dynamic=False, **COMPILE_MODES[cfg.compile_mode]) if cfg.compile
                            else self.model)
-        if rt.world > 1:
+        # with a rank-scoped clip the ranks average the gradients themselves after it: no DDP (nor the graph splits
+        # at its buckets that it costs a compiled model); the ranks start from rank 0's weights as DDP would have them
+        self.clip_first = rt.world > 1 and cfg.grad_clip > 0 and GRAD_CLIP_SCOPES[cfg.grad_clip_scope]
+        if self.clip_first:
+            for t in [*self.model.parameters(), *self.model.buffers()]:
+                torch.distributed.broadcast(t.data, 0)
+        elif rt.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 (the GPU hosts') lacks the new name
@@ -121,20 +128,19 @@ class Trainer:
     def train_step(self, scale: float) -> torch.Tensor:
         cfg, model = self.cfg, self.step_model
         total = torch.zeros((), device=self.rt.device)
-        clip_first = self.rt.world > 1 and cfg.grad_clip > 0 and GRAD_CLIP_SCOPES[cfg.grad_clip_scope]
         for micro in range(self.accum):
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
             # the mask is built here, outside the compiled model: built inside it (FlexAttention's block mask traced
             # into the graph), training on one H200 turned NaN at the second step; passed in, it compiles once
             mask = document_mask(x, self.mcfg.bos_id, host_idx=self.loader.host_inputs) if cfg.doc_mask else None
-            sync = (micro == self.accum - 1 or self.rt.world == 1) and not clip_first
+            sync = micro == self.accum - 1 or self.rt.world == 1 or self.clip_first  # no DDP to hold back then
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):
                 loss = model(x, y, mask)
             (loss / self.accum).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        if clip_first:
+        if self.clip_first:
             average_grads(self.params)
         optim.apply_schedule(self.opts, scale, optim.muon_momentum(self.step, cfg))
         for opt in self.opts:
