@@ -11,7 +11,7 @@
 # docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
 #   PARITY=0 ATTENTION=0 QUANT=1 EVAL=1 EVAL_S=300 bash bench/parity_session.sh
-#   ATTENTION=0 PARITY=0 AB=";--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
+#   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 SCALE=1 bash bench/parity_session.sh       (kind nvidia-h200-x2)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results

@@ -19,7 +19,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name
 from pgolf import attention  # noqa: E402
 from pgolf.config import ModelConfig, TrainConfig, load_params  # noqa: E402
 from pgolf.model import GPT, CastedLinear  # noqa: E402
-from pgolf.train import COMPILE_MODES, Trainer  # noqa: E402
+from pgolf.train import COMPILE_MODES, PACKINGS, Trainer  # noqa: E402
 
 try:
     from pgolf.runtime import init as init_runtime  # noqa: E402
@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", choices=list(COMPILE_MODES), help="train.compile_mode (cuda_graphs: the step "
                     "recorded and replayed as CUDA graphs)")
     ap.add_argument("--doc-attention", choices=("flex", "varlen"), help="the document masks' backend (train.doc_mask)")
+    ap.add_argument("--pack", choices=list(PACKINGS), help="train.pack (span: a micro-batch as one row)")
     args = ap.parse_args()
     attention.prefer(args.doc_attention)
     if args.config == "baseline":
@@ -105,7 +106,7 @@ def main() -> None:
                                checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
                                micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens,
                                seed=args.seed or tcfg.seed, fp8=args.fp8 or tcfg.fp8,
-                               compile_mode=args.compile_mode or tcfg.compile_mode)
+                               compile_mode=args.compile_mode or tcfg.compile_mode, pack=args.pack or tcfg.pack)
     rt = init_runtime()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -114,7 +115,7 @@ def main() -> None:
     fpt = flops_per_token(trainer.model, tcfg.seq_len)
     tok_s = m["tokens_per_second"]
     row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fp8": tcfg.fp8, "compile_mode": tcfg.compile_mode,
-           "doc_attention": args.doc_attention or "default", "micro_batch_tokens": tcfg.micro_batch_tokens,
+           "doc_attention": args.doc_attention or "default", "pack": tcfg.pack, "micro_batch_tokens": tcfg.micro_batch_tokens,
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),
            "peak_memory_gib": m["peak_memory_gib"], "compile_seconds": m["compile_seconds"],

@@ -37,6 +37,7 @@ CU_SEQLENS_BUCKET = 64  # cu_seqlens padded to a multiple of this (with the tota
 class DocMask:
     kind: str  # fa3 | varlen | flex | dense
     mask: object  # fa3, varlen: cu_seqlens (int32); flex: a BlockMask; dense: a (B, 1, T, T) bool tensor
+    max_len: int | None = None  # the longest stretch attended within, where less than the row (fa3, varlen)
 
 
 _preferred: str | None = None  # set by prefer()
@@ -56,18 +57,28 @@ def default_backend(device: torch.device) -> str:
     return "fa3" if _fa3_varlen is not None else "flex"
 
 
-def document_ids(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """(B, T) ids of the document each token belongs to within its row: a new one at every BOS."""
-    return torch.cumsum((idx == bos_id).int(), dim=1)
-
-
-def _cu_seqlens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Every document start of the flattened rows (a row start is one), padded. On the GPU, nonzero's data-dependent
-    size makes the host wait for the queue to drain, once per forward; on the host it costs the GPU nothing."""
-    B, T = idx.shape
-    starts = (idx == bos_id)
+def segment_starts(idx: torch.Tensor, bos_id: int, max_len: int | None = None) -> torch.Tensor:
+    """(B, T) bool: where a stretch attended within starts. At every BOS and each row's start, and with `max_len`
+    also every max_len tokens from a document's start (the records' cu_seqlens for a packed row)."""
+    starts = idx == bos_id
     starts[:, 0] = True
-    bounds = starts.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+    if max_len:
+        pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+        doc_start = torch.cummax(torch.where(starts, pos, 0), dim=1).values
+        starts |= (pos - doc_start) % max_len == 0
+    return starts
+
+
+def document_ids(idx: torch.Tensor, bos_id: int, max_len: int | None = None) -> torch.Tensor:
+    """(B, T) ids of the stretch each token attends within, in its row: a new one at each `segment_starts`."""
+    return torch.cumsum(segment_starts(idx, bos_id, max_len).int(), dim=1)
+
+
+def _cu_seqlens(idx: torch.Tensor, bos_id: int, max_len: int | None = None) -> torch.Tensor:
+    """Every stretch's start in the flattened rows, padded. On the GPU, nonzero's data-dependent size makes the host
+    wait for the queue to drain, once per forward; on the host it costs the GPU nothing."""
+    B, T = idx.shape
+    bounds = segment_starts(idx, bos_id, max_len).reshape(-1).nonzero().squeeze(1).to(torch.int32)
     padded = -(-(bounds.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
     cu = torch.full((padded,), B * T, dtype=torch.int32, device=idx.device)
     cu[:bounds.numel()] = bounds
@@ -75,18 +86,19 @@ def _cu_seqlens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
 
 
 def document_mask(idx: torch.Tensor, bos_id: int, backend: str | None = None,
-                  host_idx: torch.Tensor | None = None) -> DocMask:
+                  host_idx: torch.Tensor | None = None, max_len: int | None = None) -> DocMask:
     """The mask of a (B, T) batch of token ids for `backend` (default: the best the host has). `host_idx`: the same
-    ids still on the host (the loader's copy), where the packed backends find the document starts without a sync."""
+    ids still on the host (the loader's copy), where the packed backends find the document starts without a sync.
+    `max_len`: a document is also cut every max_len tokens from its start (a packed row, as the records train)."""
     backend = backend or default_backend(idx.device)
     if backend in ("fa3", "varlen"):
         if backend == "varlen" and idx.is_cuda:
             load_torch_varlen()
-        cu = _cu_seqlens(idx if host_idx is None else host_idx, bos_id)
+        cu = _cu_seqlens(idx if host_idx is None else host_idx, bos_id, max_len)
         if cu.device != idx.device:
             cu = (cu.pin_memory() if idx.is_cuda else cu).to(idx.device, non_blocking=True)
-        return DocMask(backend, cu)
-    docs = document_ids(idx, bos_id)
+        return DocMask(backend, cu, max_len)
+    docs = document_ids(idx, bos_id, max_len)
     return DocMask("flex", block_mask(docs)) if backend == "flex" else _dense_mask(docs)
 
 
@@ -187,10 +199,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocMask |
     B, T, H, D = q.shape
     if mask is not None and mask.kind == "fa3":
         out = _fa3_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                          cu_seqlens_q=mask.mask, cu_seqlens_k=mask.mask, max_seqlen_q=T, max_seqlen_k=T, causal=True)
+                          cu_seqlens_q=mask.mask, cu_seqlens_k=mask.mask, max_seqlen_q=mask.max_len or T,
+                          max_seqlen_k=mask.max_len or T, causal=True)
         return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
     if mask is not None and mask.kind == "varlen":
-        out = packed_attention(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), mask.mask, T)
+        out = packed_attention(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), mask.mask,
+                               mask.max_len or T)
         return out.view(B, T, H, D)
     if mask is None and _fa3 is not None and q.is_cuda:
         out = _fa3(q, k, v, causal=True)

@@ -139,6 +139,7 @@ class TrainConfig:
     val_every: int = param(0, ge=0)  # periodic val bpb every N steps (and at the end); 0 = off
     val_tokens: int = param(1_048_576, ge=1)  # cap on tokens for periodic val
     doc_mask: bool = False  # attention stays inside each document (a new one at every BOS)
+    pack: str = param("rows", choices="pgolf.train:PACKINGS")  # span: a rank's micro-batch as one row (needs doc_mask)
     checkpoint_every_s: float = param(120.0, ge=0)  # resumable checkpoint period; 0 = off
 
 
@@ -392,6 +393,8 @@ def check_combinations(p: Params) -> None:
                  f"model.layers {m.layers}, or both -1")
     _require(t.micro_batch_tokens % t.seq_len == 0,
              f"train.micro_batch_tokens: {t.micro_batch_tokens} is not a multiple of train.seq_len {t.seq_len}")
+    _require(t.pack == "rows" or t.doc_mask, f"train.pack: {t.pack} needs train.doc_mask: true (one row of "
+             f"{t.micro_batch_tokens} tokens would attend across all of them)")
     _require(t.batch_tokens % t.micro_batch_tokens == 0,
              f"train.batch_tokens: {t.batch_tokens} is not a multiple of train.micro_batch_tokens {t.micro_batch_tokens}")
     _require(t.max_seconds == 0 or t.calibration_reserve_s < t.max_seconds,

@@ -39,6 +39,13 @@ COMPILE_MODES: Registry[dict] = Registry("train.compile_mode")
 COMPILE_MODES.add("default", {})
 COMPILE_MODES.add("cuda_graphs", {"mode": "reduce-overhead"})
 
+# train.pack: does a rank's micro-batch meet the model as one row?
+PACKINGS: Registry[bool] = Registry("train.pack")
+PACKINGS.add("rows", False)  # rows of seq_len: attention also cut at each row's start
+# one row, attention cut at each BOS and every seq_len tokens from a document's start (the records' packing since
+# 2026-04-10): a document that crosses a row boundary keeps its context
+PACKINGS.add("span", True)
+
 # train.grad_clip_scope: does train.grad_clip measure each rank's own gradient, before the ranks average them?
 GRAD_CLIP_SCOPES: Registry[bool] = Registry("train.grad_clip_scope")
 GRAD_CLIP_SCOPES.add("global", False)  # the averaged gradient (DDP averages it during the backward, overlapped)
@@ -132,7 +139,11 @@ class Trainer:
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
             # the mask is built here, outside the compiled model: built inside it (FlexAttention's block mask traced
             # into the graph), training on one H200 turned NaN at the second step; passed in, it compiles once
-            mask = document_mask(x, self.mcfg.bos_id, host_idx=self.loader.host_inputs) if cfg.doc_mask else None
+            span, host = PACKINGS[cfg.pack], self.loader.host_inputs
+            if span:
+                x, y, host = (t.reshape(1, -1) for t in (x, y, host))
+            mask = (document_mask(x, self.mcfg.bos_id, host_idx=host, max_len=cfg.seq_len if span else None)
+                    if cfg.doc_mask else None)
             sync = micro == self.accum - 1 or self.rt.world == 1 or self.clip_first  # no DDP to hold back then
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):
                 loss = model(x, y, mask)

@@ -50,30 +50,53 @@ def test_document_masked_attention_gives_each_token_the_loss_of_its_document_run
     assert (masked[:, 10:] - unmasked[:, 10:]).abs().max() > 1e-2  # without the mask the second documents see the first
 
 
+@pytest.mark.parametrize("max_len", [None, 16])
 @pytest.mark.parametrize("backend", ["flex", "fa3", "varlen"])
-def test_every_attention_backend_masks_documents_alike(backend, monkeypatch):
+def test_every_attention_backend_masks_documents_alike(backend, max_len, monkeypatch):
     """FlexAttention's block mask and the packed sequence cut at cu_seqlens (FlashAttention-3's, here through
     bench/standin's stand-in of flash_attn_interface, and PyTorch's varlen attention's, whose CPU fallback rebuilds
-    the documents from cu_seqlens) give the dense mask's attention."""
+    the documents from cu_seqlens) give the dense mask's attention; also with documents cut every max_len tokens."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 64, 4, 8), torch.randn(2, 64, 2, 8), torch.randn(2, 64, 2, 8)
     idx = torch.randint(4, 320, (2, 64))
     idx[0, [0, 17, 40]] = BOS
     idx[1, [5, 6, 63]] = BOS
-    dense = attention.attention(q, k, v, attention.document_mask(idx, BOS, "dense"))
+    dense = attention.attention(q, k, v, attention.document_mask(idx, BOS, "dense", max_len=max_len))
     if backend == "fa3":
         monkeypatch.syspath_prepend(str(ROOT / "bench" / "standin"))
         sys.modules.pop("flash_attn_interface", None)
         from flash_attn_interface import flash_attn_varlen_func
 
         monkeypatch.setattr(attention, "_fa3_varlen", flash_attn_varlen_func)
-    other = attention.attention(q, k, v, attention.document_mask(idx, BOS, backend))
+    other = attention.attention(q, k, v, attention.document_mask(idx, BOS, backend, max_len=max_len))
     assert torch.allclose(other, dense, atol=1e-5)
     if backend != "flex":  # the starts found in the host's copy of the ids are the device's
-        host = attention.document_mask(idx, BOS, backend, host_idx=idx.clone())
-        assert torch.equal(host.mask, attention.document_mask(idx, BOS, backend).mask)
+        host = attention.document_mask(idx, BOS, backend, host_idx=idx.clone(), max_len=max_len)
+        assert torch.equal(host.mask, attention.document_mask(idx, BOS, backend, max_len=max_len).mask)
     causal = attention.attention(q, k, v)
     assert (causal - dense).abs().max() > 1e-2
+    if max_len:  # documents of 23 and 57 tokens are cut
+        uncut = attention.attention(q, k, v, attention.document_mask(idx, BOS, "dense"))
+        assert (uncut - dense).abs().max() > 1e-2
+
+
+def test_a_packed_row_gives_each_token_the_loss_of_its_stretch_alone():
+    """train.pack: span: a rank's micro-batch is one row, cut at every BOS and every seq_len tokens from a document's
+    start (the records' cu_seqlens): each token's loss is that of its stretch run alone. A document crossing a
+    boundary of the rows the same tokens would make keeps its context. (Without the SmearGate: it mixes in the token
+    before a cut inside a document, in the records' packed rows too.)"""
+    model = randomized(tiny_model(**{**RECORD_LIKE, "smear_gate": "off"}))
+    docs = packed_documents([5, 19, 3, 13], seed=7)  # 40 tokens: as rows of 8, the 19-token document crosses 2 rows
+    row = torch.cat(docs)[None]
+    x, y = row[:, :-1], row[:, 1:]
+    stretches = [(0, 5), (5, 13), (13, 21), (21, 24), (24, 27), (27, 35), (35, 39)]  # every 8 from each start
+    with torch.no_grad():
+        packed = model.token_nll(x, y, doc_mask=attention.document_mask(x, BOS, max_len=8))[0]
+        rows = model.token_nll(x[:, :32].reshape(4, 8), y[:, :32].reshape(4, 8), doc_mask=True).reshape(-1)
+        for a, b in stretches:
+            alone = model.token_nll(x[:, a:b], y[:, a:b])[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-5), (a, b)
+    assert (packed[8:13] - rows[8:13]).abs().max() > 1e-2  # rows of 8 cut the 19-token document at 8; the span not
 
 
 def test_the_fa3_stand_in_compiles_in_a_full_graph_with_the_dense_masks_values_and_gradients(monkeypatch):

@@ -119,6 +119,25 @@ def test_a_rank_scoped_clip_clips_before_the_average_and_averages_as_ddp_does(tm
     assert not all(torch.equal(w["rank"][k], w["loose"][k]) for k in w["rank"])  # the clip bit
 
 
+def test_the_span_packing_trains_through_the_stage_and_differs_from_rows(tmp_path):
+    """train.pack: span (a micro-batch as one row, documents cut every seq_len tokens from their start) through the
+    train stage; its weights differ from rows' (contexts no longer cut at each row's start). Without
+    train.doc_mask the params are refused in one line."""
+    runs = {}
+    for packing in ("rows", "span"):
+        runs[packing] = stage_dir(tmp_path, packing, {"iterations": 4, "doc_mask": True, "pack": packing})
+        run(train_cmd(), runs[packing])
+    a, b = weights(runs["rows"]), weights(runs["span"])
+    assert all(torch.isfinite(b[k]).all() for k in b) and not all(torch.equal(a[k], b[k]) for k in a)
+    params = yaml.safe_load((runs["span"] / "params.yaml").read_text())
+    params["train"]["doc_mask"] = False
+    (runs["span"] / "params.yaml").write_text(yaml.safe_dump(params))
+    p = run(train_cmd(), runs["span"], check=False)
+    assert p.returncode == 1 and p.stderr.strip() == ("error: train: params.yaml: train.pack: span needs "
+                                                      "train.doc_mask: true (one row of 1024 tokens would attend "
+                                                      "across all of them)"), p.stderr
+
+
 def test_a_crashing_rank_fails_the_stage_fast_with_one_line(tmp_path):
     d = stage_dir(tmp_path, "crash", {"nproc_per_node": "2"})
     (d / "artifacts/tokenize/data/train_000001.bin").write_bytes(b"\0" * 10)  # every rank trips over it
