@@ -4,13 +4,13 @@
 # CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows), then, with QUANT=1, pgolf's checkpoint
 # quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files come back xz'd in pieces for
 # bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained
-# (bench/eval_modes.py, no row started after EVAL_S seconds of its own), then each A/B of AB (';'-separated
-# bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards, then, with SCALE=1
-# on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling efficiency). Expects the
-# record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and a CaseOps mirror of the
-# docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
+# (bench/eval_modes.py, no row started after EVAL_S seconds of its own; EVAL_ARGS: its further flags), then each A/B
+# of AB (';'-separated bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards,
+# then, with SCALE=1 on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling
+# efficiency). Expects the record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and
+# a CaseOps mirror of the docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
-#   PARITY=0 ATTENTION=0 QUANT=1 EVAL=1 EVAL_S=300 bash bench/parity_session.sh
+#   PARITY=0 ATTENTION=0 EVAL=1 EVAL_S=400 EVAL_ARGS="--chunks 96" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 SCALE=1 bash bench/parity_session.sh       (kind nvidia-h200-x2)
 set -uo pipefail
@@ -29,8 +29,9 @@ if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
 fi
 if [ "${EVAL:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   # logged to a file first: a call cut by its limit still returns the rows finished
+  # shellcheck disable=SC2086
   python3 bench/eval_modes.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR --budget-s "${EVAL_S:-150}" \
-    --out "$OUT/eval_modes.json" > "$OUT/eval_modes.log" 2>&1
+    --out "$OUT/eval_modes.json" ${EVAL_ARGS:-} > "$OUT/eval_modes.log" 2>&1
   grep -v "it/s\]\|batch/s\]\|win/s\]" "$OUT/eval_modes.log" | tail -20
 fi
 if [ -n "${AB:-}" ]; then
