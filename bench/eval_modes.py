@@ -1,7 +1,7 @@
 """Eval modes on one checkpoint: bpb, seconds, and a projection of the seconds on 8 GPUs over FineWeb's val split.
 
     python bench/eval_modes.py --checkpoint CKPT --mirror DIR [--preset presets/record.yaml] [--only NAME ...] [--eager]
-        [--chunks 96 ...]
+        [--cheaper 96x2048 ...]
 
 CKPT is written by `bench/record_parity.py --save` (the record preset's trained weights, EMA, unquantized). Each row
 runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, the preset's eval settings otherwise:
@@ -12,8 +12,8 @@ runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, th
 - `LoRA`: lora_ttt, per-document LoRAs in chunks of 48 (the record's settings: rank 80, Adam lr 1e-4, betas 0/0.99,
   weight decay 0.5, 64 documents at once), its forward compiled (eval.ttt.compile);
 - `LoRA + phased SGD`: the same with global SGD (lr 0.001) after each of 3 phases of the prefix;
-- `LoRA, chunks of N` and `LoRA + phased SGD, chunks of N` (with --chunks N): the same with N-target chunks (fewer
-  steps a document: cheaper, each LoRA step later);
+- `LoRA, C x L` and `LoRA + phased SGD, C x L` (with --cheaper CxL): the same with chunks of C targets in windows of
+  up to L tokens (larger chunks: fewer steps a document, each LoRA step later; shorter windows: less context);
 - `LoRA, eager` (with --eager): the first LoRA row uncompiled (the compile's gain).
 
 The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds
@@ -51,9 +51,10 @@ RECORD_LORA = {"lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.5, "lora_rank
                "chunk_tokens": 48, "batch_docs": 64, "grad_steps": 1}
 
 
-def variants(cfg, n_docs: int, eager: bool, chunks: list[int]) -> dict:
-    """name -> EvalConfig (with `eager`, LoRA uncompiled beside the compiled row; each of `chunks` beside the record's
-    48 adds both LoRA rows with chunks of that many targets: fewer, larger steps, for a projection that fits)."""
+def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]]) -> dict:
+    """name -> EvalConfig (with `eager`, LoRA uncompiled beside the compiled row; each (chunk, context) of `cheaper`
+    adds both LoRA rows with chunks of that many targets and windows of that many tokens: fewer or shorter steps than
+    the record's 48 and 2048, for a projection that fits)."""
     prefix = max(1, round(PREFIX_FRACTION * n_docs))
     lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3, compile=True)
     rows = {
@@ -63,9 +64,10 @@ def variants(cfg, n_docs: int, eager: bool, chunks: list[int]) -> dict:
         "LoRA": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0)),
         "LoRA + phased SGD": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.001, momentum=0.9)),
     }
-    for c in chunks:
-        rows[f"LoRA, chunks of {c}"] = replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, chunk_tokens=c))
-        rows[f"LoRA + phased SGD, chunks of {c}"] = replace(cfg, mode="lora_ttt", ttt=replace(
+    for c, L in cheaper:
+        rows[f"LoRA, {c} x {L}"] = replace(cfg, mode="lora_ttt", seq_len=L, ttt=replace(lora, global_lr=0.0,
+                                                                                          chunk_tokens=c))
+        rows[f"LoRA + phased SGD, {c} x {L}"] = replace(cfg, mode="lora_ttt", seq_len=L, ttt=replace(
             lora, global_lr=0.001, momentum=0.9, chunk_tokens=c))
     if eager:
         rows["LoRA, eager"] = replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, compile=False))
@@ -94,10 +96,16 @@ def main() -> None:
     ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
     ap.add_argument("--only", nargs="*", help="these rows only")
     ap.add_argument("--eager", action="store_true", help="also LoRA TTT uncompiled")
-    ap.add_argument("--chunks", type=int, nargs="*", default=[], help="also the LoRA rows with chunks of these sizes")
+    ap.add_argument("--cheaper", nargs="*", default=[], metavar="CHUNKxCONTEXT",
+                    help="also the LoRA rows with these chunk sizes and windows, e.g. 96x2048 48x1024")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("eval_modes.json"))
     args = ap.parse_args()
+    try:
+        cheaper = [tuple(int(v) for v in c.split("x")) for c in args.cheaper]
+        assert all(len(c) == 2 and min(c) > 0 for c in cheaper)
+    except (ValueError, AssertionError):
+        ap.error(f"--cheaper {' '.join(args.cheaper)}: expected CHUNKxCONTEXT pairs of positive integers, e.g. 96x2048")
     t_start = time.perf_counter()
     params = load_params(args.preset)
     rt = runtime.init()
@@ -109,7 +117,7 @@ def main() -> None:
     val = load_val(data, params.model.vocab_size)
     n_docs = len(documents(val.tokens, params.model.bos_id))
     rows = []
-    for name, cfg in variants(params.eval, n_docs, args.eager, args.chunks).items():
+    for name, cfg in variants(params.eval, n_docs, args.eager, cheaper).items():
         if args.only and name not in args.only:
             continue
         if time.perf_counter() - t_start > args.budget_s:
