@@ -20,8 +20,10 @@ The prefix is the same fraction of this split's documents as the record's 2,500 
 are the mode's wall time (model build excluded, first-use compiles included, except a compiled LoRA row's: its
 compile is paid on its first documents beforehand and reported as compile s). The projection scales the seconds by
 FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and adds the compile s once: a projection from
-one GPU, not a measurement, and the docs corpus has longer documents than FineWeb (longer windows per target for the
-per-document modes). Prints a table, writes --out.
+one GPU, not a measurement. The docs corpus has longer documents than FineWeb, and a LoRA step's work per target
+grows with its document's length (up to the window): with --record-log, a LoRA row is also projected by the tokens its
+steps run on FineWeb's documents over this split's (bench/ttt_cost.py; FineWeb's lengths from the record's log), and
+the pick goes by that. Prints a table, writes --out.
 """
 
 import argparse
@@ -32,11 +34,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import ttt_cost  # noqa: E402
 from pgolf import evaluate, runtime  # noqa: E402
 from pgolf.config import load_params  # noqa: E402
 from pgolf.data import load_val  # noqa: E402
@@ -98,6 +103,8 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="also LoRA TTT uncompiled")
     ap.add_argument("--cheaper", nargs="*", default=[], metavar="CHUNKxCONTEXT",
                     help="also the LoRA rows with these chunk sizes and windows, e.g. 96x2048 48x1024")
+    ap.add_argument("--record-log", type=Path, help="the 1.0611 record's train_seed42.log: FineWeb's document lengths "
+                    "for the LoRA rows' work-based projection (bench/ttt_cost.py)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("eval_modes.json"))
     args = ap.parse_args()
@@ -115,7 +122,9 @@ def main() -> None:
     base.passes = ckpt["passes"]
     data = next(p for p in (args.mirror / "datasets" / "datasets").iterdir() if p.is_dir())
     val = load_val(data, params.model.vocab_size)
-    n_docs = len(documents(val.tokens, params.model.bos_id))
+    docs = documents(val.tokens, params.model.bos_id)
+    n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
+    fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
     rows = []
     for name, cfg in variants(params.eval, n_docs, args.eager, cheaper).items():
         if args.only and name not in args.only:
@@ -140,18 +149,23 @@ def main() -> None:
                "compile_s": round(compile_s, 1), "targets": s.tokens,
                "projected_8gpu_s": round(compile_s + seconds * FINEWEB_VAL_TARGETS / s.tokens / 8, 1),
                **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
+        if fineweb is not None and cfg.mode == "lora_ttt":  # the LoRA steps' work, not the targets, scaled
+            work = [ttt_cost.lora_work(n, cfg.ttt.chunk_tokens, cfg.seq_len, cfg.ttt.batch_docs) for n in (fineweb, lengths)]
+            row["projected_8gpu_s_work"] = round(compile_s + seconds * work[0] / work[1] / 8, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
         del model
     gpu = runtime.gpu_name(rt.device)
     print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: compile s + seconds x "
-          f"{FINEWEB_VAL_TARGETS:,} / targets / 8")
-    print("| mode | val bpb | vs sliding | seconds | compile s | projected 8-GPU s |\n|---|---|---|---|---|---|")
+          f"{FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA rows with --record-log, x FineWeb's LoRA work / this "
+          "split's instead (bench/ttt_cost.py)")
+    print("| mode | val bpb | vs sliding | seconds | compile s | projected 8-GPU s | by LoRA work |\n"
+          "|---|---|---|---|---|---|---|")
     ref = next((r["val_bpb"] for r in rows if r["mode"] == "sliding"), float("nan"))
     for r in rows:
         print(f"| {r['mode']} | {r['val_bpb']:.5f} | {r['val_bpb'] - ref:+.5f} | {r['seconds']} | {r['compile_s']} | "
-              f"{r['projected_8gpu_s']} |")
-    fits = [r for r in rows if r["projected_8gpu_s"] <= EVAL_BUDGET_S]
+              f"{r['projected_8gpu_s']} | {r.get('projected_8gpu_s_work', '–')} |")
+    fits = [r for r in rows if r.get("projected_8gpu_s_work", r["projected_8gpu_s"]) <= EVAL_BUDGET_S]
     pick = min(fits, key=lambda r: r["val_bpb"])["mode"] if fits else None
     print(f"best projected within {EVAL_BUDGET_S} s: {pick or 'none'}")
     args.out.write_text(json.dumps({"gpu": gpu, "checkpoint": str(args.checkpoint), "documents": n_docs,

@@ -31,7 +31,7 @@ if [ "${EVAL:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   # logged to a file first: a call cut by its limit still returns the rows finished
   # shellcheck disable=SC2086
   python3 bench/eval_modes.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR --budget-s "${EVAL_S:-150}" \
-    --out "$OUT/eval_modes.json" ${EVAL_ARGS:-} > "$OUT/eval_modes.log" 2>&1
+    --out "$OUT/eval_modes.json" --record-log .carry/record/train_seed42.log ${EVAL_ARGS:-} > "$OUT/eval_modes.log" 2>&1
   grep -v "it/s\]\|batch/s\]\|win/s\]" "$OUT/eval_modes.log" | tail -20
 fi
 if [ -n "${AB:-}" ]; then

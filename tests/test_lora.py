@@ -204,3 +204,48 @@ def test_a_bad_lora_setting_is_one_line(tmp_path, yaml_text, message):
     p.write_text(text)
     with pytest.raises(PgolfError, match=message):
         load_params(p)
+
+
+def test_the_benchs_lora_work_counts_the_tokens_the_lora_steps_run(monkeypatch):
+    """bench/ttt_cost.py projects a LoRA row to FineWeb by the tokens its steps run (rows x padded window, summed over
+    steps): the count it makes from document lengths is what lora_ttt's steps actually run."""
+    import sys
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("ttt_cost", None)
+    import ttt_cost
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [int(n) for n in torch.randint(2, 140, (11,), generator=g)]
+    tokens = torch.cat([torch.cat([torch.tensor([BOS]), torch.randint(1, 64, (n - 1,), generator=g)]) for n in lengths])
+    val = ValSplit(torch.cat([tokens, torch.tensor([BOS])]), torch.ones(tokens.numel() + 1, dtype=torch.long))
+    ran = []
+    batch = lora.LoraTTT._batch
+    monkeypatch.setattr(lora.LoraTTT, "_batch", lambda self, active: ran.append(batch(self, active)[0].numel()) or
+                        batch(self, active))
+    evaluate(randomized(GPT(tiny_model(bos_id=BOS)), 6), val, lora_cfg(lr=0.0, chunk_tokens=16, batch_docs=4), CPU)
+    assert sum(ran) == ttt_cost.lora_work(lengths, chunk=16, context=64, batch=4) > 0
+
+
+def test_fineweb_lengths_from_the_records_log_keep_its_batches_and_add_up_to_the_split():
+    import sys
+
+    import numpy as np
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ttt_cost
+
+    logged = [(782, 30339, 97114), (9, 105, 107), (94, 193, 194), (200, 296, 297), (305, 429, 430), (400, 582, 584),
+              (505, 809, 812), (603, 1146, 1150), (682, 1638, 1646), (716, 2054, 2069), (741, 2686, 2730),
+              (754, 3345, 3397)]  # some of the 1.0611 record's train_seed42.log lines
+    log = "\n".join(f"ttp: b{b}/782 bl:2.3 bb:1.04 rl:2.3 rb:1.04 dl:{lo}-{hi} gd:1" for b, lo, hi in logged)
+    n = ttt_cost.fineweb_doc_lengths(log)
+    assert n.size == ttt_cost.FINEWEB_DOCS and abs(int(n.sum()) - ttt_cost.FINEWEB_VAL_TOKENS) < n.size
+    assert (np.diff(n) >= 0).all()  # ascending, as the batches
+    for b, lo, hi in logged[1:]:
+        batch = n[(b - 1) * 64:b * 64]
+        assert lo - 1 <= batch.min() and batch.max() <= hi + 1
+    assert n[-16:].min() >= 30338 and n[-1] == 97114  # the last batch: the 16 longest documents
