@@ -1,7 +1,7 @@
 """Eval modes on one checkpoint: bpb, seconds, and a projection of the seconds on 8 GPUs over FineWeb's val split.
 
     python bench/eval_modes.py --checkpoint CKPT --mirror DIR [--preset presets/record.yaml] [--only NAME ...] [--eager]
-        [--cheaper 96x2048 ...]
+        [--cuda-graphs] [--cheaper 96x2048 ...] [--record-log PATH/train_seed42.log]
 
 CKPT is written by `bench/record_parity.py --save` (the record preset's trained weights, EMA, unquantized). Each row
 runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, the preset's eval settings otherwise:
@@ -12,6 +12,8 @@ runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, th
 - `LoRA`: lora_ttt, per-document LoRAs in chunks of 48 (the record's settings: rank 80, Adam lr 1e-4, betas 0/0.99,
   weight decay 0.5, 64 documents at once), its forward compiled (eval.ttt.compile);
 - `LoRA + phased SGD`: the same with global SGD (lr 0.001) after each of 3 phases of the prefix;
+- `LoRA, CUDA graphs` (with --cuda-graphs): the LoRA row with eval.ttt.compile_mode: cuda_graphs (shapes padded to a
+  few, each step replayed);
 - `LoRA, C x L` and `LoRA + phased SGD, C x L` (with --cheaper CxL): the same with chunks of C targets in windows of
   up to L tokens (larger chunks: fewer steps a document, each LoRA step later; shorter windows: less context);
 - `LoRA, eager` (with --eager): the first LoRA row uncompiled (the compile's gain).
@@ -56,8 +58,9 @@ RECORD_LORA = {"lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.5, "lora_rank
                "chunk_tokens": 48, "batch_docs": 64, "grad_steps": 1}
 
 
-def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]]) -> dict:
-    """name -> EvalConfig (with `eager`, LoRA uncompiled beside the compiled row; each (chunk, context) of `cheaper`
+def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], graphs: bool = False) -> dict:
+    """name -> EvalConfig (with `eager`, LoRA uncompiled beside the compiled row; with `graphs`, LoRA with its steps
+    replayed as CUDA graphs (eval.ttt.compile_mode: cuda_graphs); each (chunk, context) of `cheaper`
     adds both LoRA rows with chunks of that many targets and windows of that many tokens: fewer or shorter steps than
     the record's 48 and 2048, for a projection that fits)."""
     prefix = max(1, round(PREFIX_FRACTION * n_docs))
@@ -69,6 +72,9 @@ def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]]) -> d
         "LoRA": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0)),
         "LoRA + phased SGD": replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.001, momentum=0.9)),
     }
+    if graphs:
+        rows["LoRA, CUDA graphs"] = replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0,
+                                                                               compile_mode="cuda_graphs"))
     for c, L in cheaper:
         rows[f"LoRA, {c} x {L}"] = replace(cfg, mode="lora_ttt", seq_len=L, ttt=replace(lora, global_lr=0.0,
                                                                                           chunk_tokens=c))
@@ -101,6 +107,7 @@ def main() -> None:
     ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
     ap.add_argument("--only", nargs="*", help="these rows only")
     ap.add_argument("--eager", action="store_true", help="also LoRA TTT uncompiled")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also LoRA TTT replayed as CUDA graphs")
     ap.add_argument("--cheaper", nargs="*", default=[], metavar="CHUNKxCONTEXT",
                     help="also the LoRA rows with these chunk sizes and windows, e.g. 96x2048 48x1024")
     ap.add_argument("--record-log", type=Path, help="the 1.0611 record's train_seed42.log: FineWeb's document lengths "
@@ -126,7 +133,7 @@ def main() -> None:
     n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
     rows = []
-    for name, cfg in variants(params.eval, n_docs, args.eager, cheaper).items():
+    for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items():
         if args.only and name not in args.only:
             continue
         if time.perf_counter() - t_start > args.budget_s:

@@ -10,7 +10,7 @@
 # efficiency). Expects the record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and
 # a CaseOps mirror of the docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
-#   PARITY=0 ATTENTION=0 EVAL=1 EVAL_S=400 EVAL_ARGS="--cheaper 96x2048 96x1024" bash bench/parity_session.sh
+#   PARITY=0 ATTENTION=0 EVAL=1 EVAL_S=400 EVAL_ARGS="--cuda-graphs --cheaper 96x2048 96x1024" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 SCALE=1 bash bench/parity_session.sh       (kind nvidia-h200-x2)
 set -uo pipefail

@@ -49,6 +49,15 @@ def _linear(lin: CastedLinear) -> Site:
     return lin, lin.in_features, lin.out_features
 
 
+# eval.ttt.compile_mode: torch.compile's options for the forward, and the shape padding: windows to a multiple of this
+# many tokens (capped at eval.seq_len), batches to a multiple of 8 documents (0: shapes as they come)
+COMPILE_MODES: Registry[tuple[dict, int]] = Registry("eval.ttt.compile_mode")
+COMPILE_MODES.add("default", ({}, 0))  # dynamic shapes: one graph for every batch size and window length
+# CUDA graphs (inductor's reduce-overhead): a step replayed, not launched kernel by kernel (its steps are small: the
+# launches dominate); one is recorded per shape, so the shapes are padded to a few (the scores are the same)
+COMPILE_MODES.add("cuda_graphs", ({"mode": "reduce-overhead"}, 256))
+PAD_DOCS = 8
+
 TARGETS: Registry[Callable[[GPT], list[Site]]] = Registry("eval.ttt.lora_targets")  # one site per block
 TARGETS.add("q", lambda m: [_linear(b.attn.q) for b in m.blocks])
 TARGETS.add("k", lambda m: [_linear(b.attn.k) for b in m.blocks])
@@ -129,7 +138,8 @@ class LoraTTT:
         self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
         self.fused = self.FUSE and cfg.temperature == 1.0
         # one graph for every batch size and window length (dynamic), one per temperature and train/eval mode
-        self.nll = (torch.compile(model.token_nll, dynamic=True, backend=self.COMPILE_BACKEND) if t.compile
+        options, self.pad_window = COMPILE_MODES[t.compile_mode]
+        self.nll = (torch.compile(model.token_nll, dynamic=True, backend=self.COMPILE_BACKEND, **options) if t.compile
                     else model.token_nll)
 
     def attach(self, on: bool = True) -> None:
@@ -161,13 +171,19 @@ class LoraTTT:
         opt = torch.optim.AdamW(self.params, lr=self.t.lr, betas=tuple(self.t.betas), weight_decay=self.t.weight_decay)
         C = self.t.chunk_tokens
         for j in range(max(-(-(e - s) // C) for s, e in batch)):  # (slot, first/last target, document start/end)
-            self.step([(slot, s + 1 + j * C, min(s + (j + 1) * C, e), s, e) for slot, (s, e) in enumerate(batch)
-                       if s + 1 + j * C <= e], opt)
+            active = [(slot, s + 1 + j * C, min(s + (j + 1) * C, e), s, e) for slot, (s, e) in enumerate(batch)
+                      if s + 1 + j * C <= e]
+            if self.pad_window:  # rows that score and learn nothing: an empty window of document 0
+                active += [(0, 1, 0, 0, 0)] * (min(-(-len(active) // PAD_DOCS) * PAD_DOCS, self.t.batch_docs)
+                                               - len(active))
+            self.step(active, opt)
 
     def _batch(self, active: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
         """Right-padded windows (causal attention keeps the padding out of every real position's context): inputs,
         targets, the weight of each scored target, and the positions of those targets in the split."""
         T = max(b - max(start, b - self.L) for _, _, b, start, _ in active)
+        if self.pad_window:
+            T = min(-(-T // self.pad_window) * self.pad_window, self.L)
         x = torch.zeros(len(active), T, dtype=torch.long)
         y, keep, pos = torch.zeros_like(x), torch.zeros(len(active), T), torch.zeros_like(x)
         for r, (_, a, b, start, _) in enumerate(active):

@@ -249,3 +249,39 @@ def test_fineweb_lengths_from_the_records_log_keep_its_batches_and_add_up_to_the
         batch = n[(b - 1) * 64:b * 64]
         assert lo - 1 <= batch.min() and batch.max() <= hi + 1
     assert n[-16:].min() >= 30338 and n[-1] == 97114  # the last batch: the 16 longest documents
+
+
+def test_cuda_graph_shapes_pad_windows_and_batches_to_a_few_and_score_the_same(monkeypatch):
+    """eval.ttt.compile_mode: cuda_graphs records a graph per shape, so each step's batch is padded to a multiple of 8
+    documents (rows that score and learn nothing) and its window to a multiple of 256 tokens (capped at eval.seq_len):
+    the scores, the ledger and what the LoRAs learn are those of the unpadded steps."""
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.cat([torch.tensor([BOS]), torch.randint(1, 64, (int(n),), generator=g)])
+            for n in torch.randint(5, 90, (11,), generator=g)]
+    val = ValSplit(torch.cat(docs), torch.ones(sum(d.numel() for d in docs), dtype=torch.long))
+    shapes = []
+    batch = lora.LoraTTT._batch
+    monkeypatch.setattr(lora.LoraTTT, "_batch", lambda self, active: shapes.append(batch(self, active)[0].shape) or
+                        batch(self, active))
+    torch.manual_seed(0)  # the LoRAs' A: the same draw both times
+    plain, plain_record = evaluate(model, val, lora_cfg(batch_docs=16), CPU)
+    plain_shapes, shapes[:] = set(shapes), []
+    torch.manual_seed(0)
+    padded, padded_record = evaluate(model, val, lora_cfg(batch_docs=16, compile_mode="cuda_graphs"), CPU)
+    assert len(plain_shapes) == 5 and set(shapes) == {(16, 64), (8, 64)}  # windows up to seq_len 64
+    assert padded.tokens == plain.tokens and abs(padded.nll_sum - plain.nll_sum) < 1e-6 * plain.nll_sum
+    assert padded_record == plain_record and padded_record["val_tokens_trained_before_scored"] == 0
+
+
+def test_the_cuda_graphs_mode_reaches_torch_compile(monkeypatch):
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    evaluate(model, repeating_documents(n_docs=2), lora_cfg(compile=True, compile_mode="cuda_graphs"), CPU)
+    assert seen["mode"] == "reduce-overhead" and seen["dynamic"] is True
