@@ -46,12 +46,12 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs: str = "quintic") -> t
 class Muon(torch.optim.Optimizer):
     """Momentum, then Newton-Schulz orthogonalization of the update, batched over same-shape matrices.
 
-    Under torch.distributed, rank r orthogonalizes matrices r, r+world, ... of each shape and the
-    results are all-gathered, so the work is shared rather than repeated (gradients must already be
-    averaged, as DDP does, overlapped with the backward). Each shape's all-gather is asynchronous and
-    moves Newton-Schulz's own output (bf16 on a GPU: half the bytes of float32, and lossless), so it
-    runs while the next shape is orthogonalized; the largest shapes go first. Momentum buffers live
-    only on the rank that owns the matrix.
+    Under torch.distributed, rank r orthogonalizes matrices r, r+world, ... of each shape and the results are
+    all-gathered, so the work is shared rather than repeated (gradients must already be averaged: by DDP during the
+    backward, or by the trainer after a rank-scoped clip). Each shape's all-gather is asynchronous and moves
+    Newton-Schulz's own output (bf16 on a GPU: half the bytes of float32, and lossless), so it runs while the
+    next shape is orthogonalized; the largest shapes go first. Momentum buffers live only on the rank that owns
+    the matrix.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0,
