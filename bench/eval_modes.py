@@ -85,13 +85,12 @@ def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], grap
     return rows
 
 
-def warm_compile(base: GPT, val, cfg, bos_id: int, device: torch.device) -> float:
+def warm_compile(base: GPT, val, cfg, docs: list[tuple[int, int]], device: torch.device) -> float:
     """A compiled LoRA row's compile, paid once on its first WARM_DOCS documents and timed: the row then runs on the
     warm caches, and the projection adds the compile once (each GPU compiles in parallel) instead of scaling it with
     the targets. 0 for the other rows (their first-use compiles stay in their seconds)."""
     if cfg.mode != "lora_ttt" or not cfg.ttt.compile:
         return 0.0
-    docs = documents(val.tokens, bos_id)
     head = val.head(docs[min(WARM_DOCS, len(docs)) - 1][1] + 1)
     t0 = time.perf_counter()
     evaluate.evaluate(copy.deepcopy(base).to(device), head, replace(cfg, ttt=replace(cfg.ttt, global_lr=0.0)), device)
@@ -140,7 +139,7 @@ def main() -> None:
             print(f"{name}: not started (budget)", flush=True)
             continue
         try:
-            compile_s = warm_compile(base, val, cfg, params.model.bos_id, rt.device)
+            compile_s = warm_compile(base, val, cfg, docs, rt.device)
             model = copy.deepcopy(base).to(rt.device)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()

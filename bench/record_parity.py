@@ -156,15 +156,13 @@ def record_segments(tokens, bos_id: int, seq_len: int) -> list[tuple[int, int]]:
     """The stretches of inputs [s, e) the record's eval attends within (targets s+1..e): its batches of
     RECORD_VAL_SEQS * seq_len inputs, each cut at every BOS and every seq_len tokens from a document's start (its
     cu_seqlens), over the targets it scores (`record_targets`)."""
-    import torch
+    from pgolf.attention import segment_starts
 
     n, batch = record_targets(tokens.numel(), seq_len), RECORD_VAL_SEQS * seq_len
     out = []
     for b0 in range(0, n, batch):
-        x = tokens[b0:b0 + batch]
-        starts = [0] + [int(p) for p in torch.nonzero(x == bos_id).flatten() if p > 0]
-        for a, b in zip(starts, starts[1:] + [x.numel()]):
-            out += [(b0 + s, b0 + min(s + seq_len, b)) for s in range(a, b, seq_len)]
+        starts = (b0 + segment_starts(tokens[None, b0:b0 + batch], bos_id, seq_len)[0].nonzero().flatten()).tolist()
+        out += zip(starts, starts[1:] + [b0 + batch])
     return out
 
 

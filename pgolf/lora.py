@@ -39,7 +39,7 @@ from .config import EvalConfig, TTTConfig
 from .data import ValSplit
 from .model import GPT, CastedLinear, autocast
 from .registry import Registry
-from .runtime import all_sum, rank_world
+from .runtime import all_sum, average_grads, rank_world
 from .score import Score, Scorer
 
 Site = tuple[nn.Module, int, int]  # a module with a `lora` hook (x -> a delta of its output), its fan in and out
@@ -288,9 +288,7 @@ class LoraTTT:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if world > 1:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
+            average_grads(params)
             if self.t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
             opt.step()

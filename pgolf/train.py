@@ -99,6 +99,7 @@ class Trainer:
         # with a rank-scoped clip the ranks average the gradients themselves after it: no DDP (nor the graph splits
         # at its buckets that it costs a compiled model); the ranks start from rank 0's weights as DDP would have them
         self.clip_first = rt.world > 1 and cfg.grad_clip > 0 and GRAD_CLIP_SCOPES[cfg.grad_clip_scope]
+        self.span = PACKINGS[cfg.pack]
         if self.clip_first:
             for t in [*self.model.parameters(), *self.model.buffers()]:
                 torch.distributed.broadcast(t.data, 0)
@@ -139,10 +140,10 @@ class Trainer:
             x, y = self.loader.next_batch(cfg.micro_batch_tokens, cfg.seq_len)
             # the mask is built here, outside the compiled model: built inside it (FlexAttention's block mask traced
             # into the graph), training on one H200 turned NaN at the second step; passed in, it compiles once
-            span, host = PACKINGS[cfg.pack], self.loader.host_inputs
-            if span:
+            host = self.loader.host_inputs
+            if self.span:
                 x, y, host = (t.reshape(1, -1) for t in (x, y, host))
-            mask = (document_mask(x, self.mcfg.bos_id, host_idx=host, max_len=cfg.seq_len if span else None)
+            mask = (document_mask(x, self.mcfg.bos_id, host_idx=host, max_len=cfg.seq_len if self.span else None)
                     if cfg.doc_mask else None)
             sync = micro == self.accum - 1 or self.rt.world == 1 or self.clip_first  # no DDP to hold back then
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(self.rt.device):

@@ -357,7 +357,8 @@ def test_an_interrupt_that_surfaces_as_an_import_error_is_still_one_line_from_pg
     assert exit_.value.code == "error: pgolf mirror: interrupted"
 
 
-def test_an_interrupt_that_surfaces_as_an_import_error_is_still_one_line_from_a_stage(tmp_path, monkeypatch, capsys, signals_restored):
+def test_an_interrupt_that_surfaces_as_an_import_error_is_still_one_line_from_a_stage(tmp_path, monkeypatch, capsys,
+                                                                                       signals_restored):
     from pgolf import paths, stage
 
     monkeypatch.setattr(paths, "ARTIFACTS", tmp_path / "artifacts")

@@ -229,13 +229,14 @@ def test_the_benchs_lora_work_counts_the_tokens_the_lora_steps_run(monkeypatch):
     assert sum(ran) == ttt_cost.lora_work(lengths, chunk=16, context=64, batch=4) > 0
 
 
-def test_fineweb_lengths_from_the_records_log_keep_its_batches_and_add_up_to_the_split():
+def test_fineweb_lengths_from_the_records_log_keep_its_batches_and_add_up_to_the_split(monkeypatch):
     import sys
 
     import numpy as np
     from conftest import ROOT
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("ttt_cost", None)
     import ttt_cost
 
     logged = [(782, 30339, 97114), (9, 105, 107), (94, 193, 194), (200, 296, 297), (305, 429, 430), (400, 582, 584),
