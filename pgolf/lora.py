@@ -21,7 +21,8 @@ many of the targets about to be trained on were scored; any that were not are co
 `val_tokens_trained_before_scored`, which the audit refuses.
 
 With `eval.ttt.compile` the forward is compiled once with dynamic shapes (the record compiles its TTT forward with
-dynamic=True too): the batch shrinks as documents end and the window grows chunk by chunk without recompiling.
+dynamic=True too): the batch shrinks as documents end and the window grows chunk by chunk without recompiling (a
+batch's last document is run beside an empty row: a dim of size 1 would compile a second graph).
 
 At temperature 1 a chunk's scoring forward is also its first training forward, as in the record: the NLL is tallied
 before the LoRAs step, so nothing is trained on before it is scored, and a chunk costs one forward and one backward
@@ -57,6 +58,9 @@ COMPILE_MODES.add("default", ({}, 0))  # dynamic shapes: one graph for every bat
 # launches dominate); one is recorded per shape, so the shapes are padded to a few (the scores are the same)
 COMPILE_MODES.add("cuda_graphs", ({"mode": "reduce-overhead"}, 256))
 PAD_DOCS = 8
+# a compiled graph specializes a dim of size 1: a document left alone at the end of its batch (or windows of one
+# token) would compile a second graph, minutes for the record's model, so compiled steps run at least 2 rows of 2
+MIN_COMPILED = 2
 
 TARGETS: Registry[Callable[[GPT], list[Site]]] = Registry("eval.ttt.lora_targets")  # one site per block
 TARGETS.add("q", lambda m: [_linear(b.attn.q) for b in m.blocks])
@@ -173,10 +177,16 @@ class LoraTTT:
         for j in range(max(-(-(e - s) // C) for s, e in batch)):  # (slot, first/last target, document start/end)
             active = [(slot, s + 1 + j * C, min(s + (j + 1) * C, e), s, e) for slot, (s, e) in enumerate(batch)
                       if s + 1 + j * C <= e]
-            if self.pad_window:  # rows that score and learn nothing: an empty window of document 0
-                active += [(0, 1, 0, 0, 0)] * (min(-(-len(active) // PAD_DOCS) * PAD_DOCS, self.t.batch_docs)
-                                               - len(active))
-            self.step(active, opt)
+            self.step(self._padded(active), opt)
+
+    def _padded(self, active: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """`active` and the rows that score and learn nothing (document 0, empty) that the compiled shapes want."""
+        rows = len(active)
+        if self.pad_window:
+            rows = min(-(-rows // PAD_DOCS) * PAD_DOCS, self.t.batch_docs)
+        if self.t.compile:
+            rows = max(rows, MIN_COMPILED)
+        return active + [(0, 1, 0, 0, 0)] * (rows - len(active))
 
     def _batch(self, active: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
         """Right-padded windows (causal attention keeps the padding out of every real position's context): inputs,
@@ -184,6 +194,8 @@ class LoraTTT:
         T = max(b - max(start, b - self.L) for _, _, b, start, _ in active)
         if self.pad_window:
             T = min(-(-T // self.pad_window) * self.pad_window, self.L)
+        if self.t.compile:
+            T = min(max(T, MIN_COMPILED), self.L)
         x = torch.zeros(len(active), T, dtype=torch.long)
         y, keep, pos = torch.zeros_like(x), torch.zeros(len(active), T), torch.zeros_like(x)
         for r, (_, a, b, start, _) in enumerate(active):
@@ -235,6 +247,7 @@ class LoraTTT:
 
     def adapt(self, active, opt: torch.optim.Optimizer) -> None:
         if active:
+            active = self._padded(active)
             x, y, keep, pos = self._batch(active)
             self.model.train()
             self._train(active, x, y, keep, pos, opt)

@@ -113,12 +113,16 @@ def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_fr
 
 
 def test_compiled_lora_ttt_scores_as_eager_with_one_graph_for_every_shape(monkeypatch):
-    """eval.ttt.compile: one dynamic graph serves every batch size (documents end), window length (chunks grow) and
-    chunk, trained or not (a document's last); the scores are the eager run's."""
+    """eval.ttt.compile: one dynamic graph serves every batch size (documents end, down to the last one of a batch
+    alone), window length (chunks grow; a batch of one-target documents) and chunk, trained or not (a document's
+    last); the scores are the eager run's."""
     from torch._dynamo.utils import counters
 
     model = randomized(GPT(tiny_model(bos_id=BOS, layers=2)), 6)
-    val = repeating_documents()
+    g = torch.Generator().manual_seed(2)
+    phrases = [torch.randint(1, 64, (n,), generator=g) for n in (150, 60, 0, 40, 0, 30)]  # 0: a BOS, then the next
+    tokens = torch.cat([torch.cat([torch.tensor([BOS]), p]) for p in phrases])
+    val = ValSplit(tokens, torch.ones_like(tokens))  # batches of 4: 150 ends alone; then two one-target documents
     runs = {}
     for compiled in (False, True):
         monkeypatch.setattr(lora.LoraTTT, "COMPILE_BACKEND", "aot_eager")
