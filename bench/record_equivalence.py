@@ -1,0 +1,132 @@
+"""The record's model and pgolf's record preset given one set of weights: do they compute the same function? (CPU)
+
+Loads a record's train_gpt.py (fetched from openai/parameter-golf, never committed) as a module through the FA3
+stand-in (bench/standin), builds its GPT with the settings record_parity.py runs it with, sets every parameter to
+random values (the gates and lane weights the record zero- or one-initializes would otherwise hide their paths), copies
+them into pgolf's GPT by name and compares, in float32, the logits and the mean NLL of one packed row of real val
+tokens, attended within stretches cut at every BOS and every --seq-len tokens from a document's start (the record's
+cu_seqlens), with the loops off and on. A difference here is a difference of the models; none means a gap between the
+two sides' val bpb comes from training. Prints a table, writes --out.
+  python bench/record_equivalence.py --record .carry/record/train_gpt.py --mirror .carry/caseops_mirror
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "standin"))
+
+from record_parity import RECORD_ENV, dataset  # noqa: E402
+
+from pgolf.attention import _cu_seqlens, document_mask  # noqa: E402
+from pgolf.config import load_params  # noqa: E402
+from pgolf.data import load_val  # noqa: E402
+from pgolf.model import GPT  # noqa: E402
+
+
+def load_record(script: Path):
+    """The record's module, its Hyperparameters read from RECORD_ENV (they are class attributes read at import)."""
+    os.environ.update(RECORD_ENV)
+    spec = importlib.util.spec_from_file_location("record_train_gpt", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.BOS_ID = 1  # set by its loaders at run time
+    return module
+
+
+def record_to_pgolf(state: dict, layers: int, parallel_from: int) -> dict:
+    """The record's parameter names (banked matrices, model-level lane weights) as pgolf's."""
+    n, out = layers, {}
+    for name, t in state.items():
+        if name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "parallel_post_lambdas",
+                    "parallel_resid_lambdas"):
+            continue
+        name = (name.replace("smear_gate.weight", "smear.gate.weight").replace("smear_lambda", "smear.lam")
+                .replace("attn.attn_gate_w", "attn.sparse_gate"))
+        out[name] = t
+    for i in range(n):
+        b = f"blocks.{i}"
+        out |= {f"{b}.attn.q.weight": state["qo_bank"][i], f"{b}.attn.proj.weight": state["qo_bank"][n + i],
+                f"{b}.attn.k.weight": state["kv_bank"][i], f"{b}.attn.v.weight": state["kv_bank"][n + i],
+                f"{b}.mlp.fc.weight": state["mlp_up_bank"][i], f"{b}.mlp.proj.weight": state["mlp_down_bank"][i]}
+        if i >= parallel_from:
+            out |= {f"{b}.lane_post": state["parallel_post_lambdas"][i],
+                    f"{b}.lane_resid": state["parallel_resid_lambdas"][i]}
+    return out
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter drawn afresh at its own scale (at least 0.1 for the ones initialized constant), so that no path
+    is hidden by a zero gate or a unit weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = max(float(p.std()) if p.numel() > 1 else 0.0, 0.1)
+            if p.ndim == 2 and min(p.shape) >= 64:
+                scale = 1 / p.shape[1] ** 0.5
+            p.copy_(p + scale * torch.randn(p.shape, generator=g))
+
+
+def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, seed: int) -> list[dict]:
+    h = record_module.Hyperparameters()
+    rec = record_module.GPT(h).float().eval()
+    randomize(rec, seed)
+    params = load_params(preset)
+    pg = GPT(params.model).eval()
+    mapped = record_to_pgolf(rec.state_dict(), params.model.layers, params.model.parallel_from)
+    missing, unexpected = pg.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"the record's parameters do not map onto pgolf's: missing {missing}, unexpected {unexpected}")
+    idx, targets = tokens[None, :-1], tokens[None, 1:]
+    cu = _cu_seqlens(idx, params.model.bos_id, seq_len)
+    mask = document_mask(idx, params.model.bos_id, backend="varlen", max_len=seq_len)
+    rows = []
+    for loops in (False, True):
+        rec.looping_active = loops
+        pg.passes = pg.max_passes if loops else 0
+        with torch.no_grad():
+            a = rec.forward_logits(idx, cu_seqlens=cu, max_seqlen=seq_len).float()
+            b = pg.logits(idx, doc_mask=mask)
+        nll = [F.cross_entropy(x[0], targets[0]).item() for x in (a, b)]
+        rows.append({"loops": loops, "max_abs_logit_diff": (a - b).abs().max().item(),
+                     "logit_scale": a.abs().max().item(), "nll_record": nll[0], "nll_pgolf": nll[1],
+                     "nll_diff": nll[1] - nll[0], "tokens": targets.numel(), "stretches": cu.numel() - 1})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--record", type=Path, required=True, help="the record's train_gpt.py")
+    ap.add_argument("--mirror", type=Path, required=True, help="a CaseOps mirror (pgolf mirror --caseops)")
+    ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
+    ap.add_argument("--tokens", type=int, default=1024, help="val tokens in the packed row")
+    ap.add_argument("--seq-len", type=int, default=256, help="stretches cut every this many tokens of a document")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("record_equivalence.json"))
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    data, _ = dataset(args.mirror)
+    params = load_params(args.preset)
+    val = load_val(data, params.model.vocab_size)
+    rows = compare(load_record(args.record), args.preset, val.tokens[:args.tokens + 1].long(), args.seq_len, args.seed)
+    print("| loops | max abs logit diff | max abs logit | NLL record | NLL pgolf | diff |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'on' if r['loops'] else 'off'} | {r['max_abs_logit_diff']:.2e} | {r['logit_scale']:.2f} | "
+              f"{r['nll_record']:.6f} | {r['nll_pgolf']:.6f} | {r['nll_diff']:+.2e} |")
+    print(f"{rows[0]['tokens']} val targets in one row, {rows[0]['stretches']} stretches (cut at BOS and every "
+          f"{args.seq_len} tokens of a document); float32 on {torch.device('cpu')}, random weights (seed {args.seed})")
+    args.out.write_text(json.dumps({"record_script": str(args.record), "seq_len": args.seq_len, "rows": rows},
+                                   indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
