@@ -6,7 +6,10 @@ random values (the gates and lane weights the record zero- or one-initializes wo
 them into pgolf's GPT by name and compares, in float32, the logits and the mean NLL of one packed row of real val
 tokens, attended within stretches cut at every BOS and every --seq-len tokens from a document's start (the record's
 cu_seqlens), with the loops off and on. A difference here is a difference of the models; none means a gap between the
-two sides' val bpb comes from training. Prints a table, writes --out.
+two sides' val bpb comes from training. A second pair of rows casts the record's model as its trainer does (to bf16 and
+back: its tied embedding stays bf16 in training, and its RoPE frequencies, a buffer, are rounded to bf16 for good)
+before the weights are copied: what pgolf computes differently from the record's trained model. Prints a table,
+writes --out.
   python bench/record_equivalence.py --record .carry/record/train_gpt.py --mirror .carry/caseops_mirror
 """
 
@@ -76,10 +79,18 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(p + scale * torch.randn(p.shape, generator=g))
 
 
-def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, seed: int) -> list[dict]:
+def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, seed: int,
+            as_trained: bool = False) -> list[dict]:
+    """Logits and NLL of both models over one packed row, loops off and on. `as_trained`: the record's model cast as
+    its train_model casts it (to bf16, then everything but the embedding back to float32: its RoPE frequencies, a
+    buffer, stay rounded to bf16), then run in float32."""
     h = record_module.Hyperparameters()
-    rec = record_module.GPT(h).float().eval()
+    rec = record_module.GPT(h)
     randomize(rec, seed)
+    if as_trained:
+        rec = rec.bfloat16()
+        record_module.restore_fp32_params(rec)
+    rec = rec.float().eval()
     params = load_params(preset)
     pg = GPT(params.model).eval()
     mapped = record_to_pgolf(rec.state_dict(), params.model.layers, params.model.parallel_from)
@@ -97,7 +108,7 @@ def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, see
             a = rec.forward_logits(idx, cu_seqlens=cu, max_seqlen=seq_len).float()
             b = pg.logits(idx, doc_mask=mask)
         nll = [F.cross_entropy(x[0], targets[0]).item() for x in (a, b)]
-        rows.append({"loops": loops, "max_abs_logit_diff": (a - b).abs().max().item(),
+        rows.append({"record_cast": "as trained" if as_trained else "float32", "loops": loops, "max_abs_logit_diff": (a - b).abs().max().item(),
                      "logit_scale": a.abs().max().item(), "nll_record": nll[0], "nll_pgolf": nll[1],
                      "nll_diff": nll[1] - nll[0], "tokens": targets.numel(), "stretches": cu.numel() - 1})
     return rows
@@ -117,10 +128,12 @@ def main() -> None:
     data, _ = dataset(args.mirror)
     params = load_params(args.preset)
     val = load_val(data, params.model.vocab_size)
-    rows = compare(load_record(args.record), args.preset, val.tokens[:args.tokens + 1].long(), args.seq_len, args.seed)
-    print("| loops | max abs logit diff | max abs logit | NLL record | NLL pgolf | diff |\n|---|---|---|---|---|---|")
+    record, tokens = load_record(args.record), val.tokens[:args.tokens + 1].long()
+    rows = [r for cast in (False, True) for r in compare(record, args.preset, tokens, args.seq_len, args.seed, cast)]
+    print("| the record's weights | loops | max abs logit diff | max abs logit | NLL record | NLL pgolf | diff |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'on' if r['loops'] else 'off'} | {r['max_abs_logit_diff']:.2e} | {r['logit_scale']:.2f} | "
+        print(f"| {r['record_cast']} | {'on' if r['loops'] else 'off'} | {r['max_abs_logit_diff']:.2e} | {r['logit_scale']:.2f} | "
               f"{r['nll_record']:.6f} | {r['nll_pgolf']:.6f} | {r['nll_diff']:+.2e} |")
     print(f"{rows[0]['tokens']} val targets in one row, {rows[0]['stretches']} stretches (cut at BOS and every "
           f"{args.seq_len} tokens of a document); float32 on {torch.device('cpu')}, random weights (seed {args.seed})")
