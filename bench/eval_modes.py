@@ -25,12 +25,15 @@ FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and adds t
 one GPU, not a measurement. The docs corpus has longer documents than FineWeb, and a LoRA step's work per target
 grows with its document's length (up to the window): with --record-log, a LoRA row is also projected by the tokens its
 steps run on FineWeb's documents over this split's (bench/ttt_cost.py; FineWeb's lengths from the record's log), and
-the pick goes by that. Prints a table, writes --out.
+the pick goes by that. Each row runs in a process of its own: a row that crashes it (call 44: a segmentation fault in the
+CUDA-graphs row) is reported as failed and the others still run. Prints a table, writes --out.
 """
 
 import argparse
 import copy
 import json
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -99,6 +102,47 @@ def warm_compile(base: GPT, val, cfg, docs: list[tuple[int, int]], device: torch
     return time.perf_counter() - t0
 
 
+def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]]) -> dict:
+    """One row, in this process: its compile (a compiled LoRA row's), then the mode on a fresh copy of the model."""
+    params = load_params(args.preset)
+    rt = runtime.init()
+    ckpt = torch.load(args.checkpoint, map_location="cpu")
+    base = GPT(params.model)
+    base.load_state_dict(ckpt["state"])
+    base.passes = ckpt["passes"]
+    val = load_val(split_dir(args.mirror), params.model.vocab_size)
+    docs = documents(val.tokens, params.model.bos_id)
+    cfg = variants(params.eval, len(docs), args.eager, cheaper, args.cuda_graphs)[name]
+    compile_s = warm_compile(base, val, cfg, docs, rt.device)
+    model = copy.deepcopy(base).to(rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    s, record = evaluate.evaluate(model, val, cfg, rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"mode": name, "eval_mode": cfg.mode, "val_bpb": round(s.bpb, 5), "seconds": round(seconds, 1),
+            "compile_s": round(compile_s, 1), "targets": s.tokens,
+            "projected_8gpu_s": round(compile_s + seconds * FINEWEB_VAL_TARGETS / s.tokens / 8, 1),
+            **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
+
+
+def row_in_child(argv: list[str], name: str) -> dict | str:
+    """run_row in a fresh process (its own CUDA context and compile caches): the row, or why there is none."""
+    proc = subprocess.run([sys.executable, __file__, *argv, "--row", name], stdout=subprocess.PIPE, text=True)
+    rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode == 0 and rows:
+        return json.loads(rows[-1])
+    if proc.returncode < 0:
+        return f"failed: killed by {signal.Signals(-proc.returncode).name}"
+    return f"failed: exit status {proc.returncode} (its error is above)"
+
+
+def split_dir(mirror: Path) -> Path:
+    return next(p for p in (mirror / "datasets" / "datasets").iterdir() if p.is_dir())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, required=True)
@@ -113,55 +157,41 @@ def main() -> None:
                     "for the LoRA rows' work-based projection (bench/ttt_cost.py)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("eval_modes.json"))
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: this row alone, in this process
+    argv = sys.argv[1:]
     args = ap.parse_args()
     try:
         cheaper = [tuple(int(v) for v in c.split("x")) for c in args.cheaper]
         assert all(len(c) == 2 and min(c) > 0 for c in cheaper)
     except (ValueError, AssertionError):
         ap.error(f"--cheaper {' '.join(args.cheaper)}: expected CHUNKxCONTEXT pairs of positive integers, e.g. 96x2048")
+    if args.row:
+        print("ROW " + json.dumps(run_row(args, args.row, cheaper)), flush=True)
+        return
     t_start = time.perf_counter()
     params = load_params(args.preset)
-    rt = runtime.init()
-    ckpt = torch.load(args.checkpoint, map_location="cpu")
-    base = GPT(params.model)
-    base.load_state_dict(ckpt["state"])
-    base.passes = ckpt["passes"]
-    data = next(p for p in (args.mirror / "datasets" / "datasets").iterdir() if p.is_dir())
-    val = load_val(data, params.model.vocab_size)
+    val = load_val(split_dir(args.mirror), params.model.vocab_size)
     docs = documents(val.tokens, params.model.bos_id)
     n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
-    rows = []
+    rows, failed = [], {}
     for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items():
         if args.only and name not in args.only:
             continue
         if time.perf_counter() - t_start > args.budget_s:
             print(f"{name}: not started (budget)", flush=True)
             continue
-        try:
-            compile_s = warm_compile(base, val, cfg, docs, rt.device)
-            model = copy.deepcopy(base).to(rt.device)
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            s, record = evaluate.evaluate(model, val, cfg, rt.device)
-        except Exception as e:  # a row that fails (a compile on a new host) is reported; the others still run
-            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        row = row_in_child(argv, name)
+        if isinstance(row, str):
+            print(f"{name}: {row}", flush=True)
+            failed[name] = row
             continue
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        row = {"mode": name, "eval_mode": cfg.mode, "val_bpb": round(s.bpb, 5), "seconds": round(seconds, 1),
-               "compile_s": round(compile_s, 1), "targets": s.tokens,
-               "projected_8gpu_s": round(compile_s + seconds * FINEWEB_VAL_TARGETS / s.tokens / 8, 1),
-               **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
         if fineweb is not None and cfg.mode == "lora_ttt":  # the LoRA steps' work, not the targets, scaled
             work = [ttt_cost.lora_work(n, cfg.ttt.chunk_tokens, cfg.seq_len, cfg.ttt.batch_docs) for n in (fineweb, lengths)]
-            row["projected_8gpu_s_work"] = round(compile_s + seconds * work[0] / work[1] / 8, 1)
+            row["projected_8gpu_s_work"] = round(row["compile_s"] + row["seconds"] * work[0] / work[1] / 8, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del model
-    gpu = runtime.gpu_name(rt.device)
+    gpu = runtime.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: compile s + seconds x "
           f"{FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA rows with --record-log, x FineWeb's LoRA work / this "
           "split's instead (bench/ttt_cost.py)")
@@ -175,7 +205,8 @@ def main() -> None:
     pick = min(fits, key=lambda r: r["val_bpb"])["mode"] if fits else None
     print(f"best projected within {EVAL_BUDGET_S} s: {pick or 'none'}")
     args.out.write_text(json.dumps({"gpu": gpu, "checkpoint": str(args.checkpoint), "documents": n_docs,
-                                    "val_targets": len(val.tokens) - 1, "rows": rows, "pick": pick}, indent=1) + "\n")
+                                    "val_targets": len(val.tokens) - 1, "rows": rows, "failed": failed,
+                                    "pick": pick}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
