@@ -31,6 +31,7 @@ CUDA-graphs row) is reported as failed and the others still run. Prints a table,
 
 import argparse
 import copy
+import faulthandler
 import json
 import signal
 import subprocess
@@ -166,6 +167,7 @@ def main() -> None:
     except (ValueError, AssertionError):
         ap.error(f"--cheaper {' '.join(args.cheaper)}: expected CHUNKxCONTEXT pairs of positive integers, e.g. 96x2048")
     if args.row:
+        faulthandler.enable()  # a crash prints the Python stack it happened in
         print("ROW " + json.dumps(run_row(args, args.row, cheaper)), flush=True)
         return
     t_start = time.perf_counter()
