@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: document-masked attention backends (bench/doc_attention.py), then the record's own script beside
 # pgolf's record preset (bench/record_parity.py, the record side stopped after RECORD_S seconds; PARITY=0 skips it;
-# CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows), then, with QUANT=1, pgolf's checkpoint
+# CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows; PGOLF_SET="train.pack=span ...": pgolf's
+# side with these preset changes), then, with QUANT=1, pgolf's checkpoint
 # quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files come back xz'd in pieces for
 # bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained
 # (bench/eval_modes.py, no row started after EVAL_S seconds of its own; EVAL_ARGS: its further flags), then each A/B
@@ -21,7 +22,8 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
   --steps "${STEPS:-300}" --batch-tokens 196608 --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
-  --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --out "$OUT/record_parity.json" ${CONCURRENT:+--concurrent} 2>&1 | tail -40
+  --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --out "$OUT/record_parity.json" ${CONCURRENT:+--concurrent} \
+  ${PGOLF_SET:+--set $PGOLF_SET} 2>&1 | tail -40
 if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   python3 bench/quantize_checkpoint.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR \
     --out-dir /tmp/quantized 2>&1 | grep -v "batch/s\]"

@@ -152,6 +152,31 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
             "calibrate_s": round(c.seconds, 2), "calibrate_tokens": c.tokens, "wall_s": time.perf_counter() - t0}
 
 
+def preset_with(preset: Path, sets: list[str], out: Path) -> Path:
+    """The preset with KEY=VALUE changes (dotted keys, YAML values), written to `out` and checked as params load."""
+    import yaml
+
+    from pgolf.config import load_params
+    from pgolf.errors import PgolfError
+
+    raw = yaml.safe_load(preset.read_text())
+    for item in sets:
+        key, sep, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not sep or not isinstance(node, dict):
+            raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE with a section of {preset.name}")
+        node[leaf] = yaml.safe_load(value)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        load_params(out)
+    except PgolfError as e:
+        raise SystemExit(f"--set {' '.join(sets)}: {e}") from None
+    return out
+
+
 def record_segments(tokens, bos_id: int, seq_len: int) -> list[tuple[int, int]]:
     """The stretches of inputs [s, e) the record's eval attends within (targets s+1..e): its batches of
     RECORD_VAL_SEQS * seq_len inputs, each cut at every BOS and every seq_len tokens from a document's start (its
@@ -292,10 +317,14 @@ def main() -> None:
     ap.add_argument("--save", type=Path, help="write pgolf's trained weights here (bench/eval_modes.py reads them)")
     ap.add_argument("--record-log", type=Path, help="no run: the record side from a log run_record wrote ...")
     ap.add_argument("--pgolf-log", type=Path, help="... and the pgolf side from the output of --side pgolf")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="pgolf's side with these preset changes, e.g. train.pack=span (an A/B under the harness)")
     ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
     args = ap.parse_args()
     if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
         ap.error("to run: --mirror, and --record (or --record-log and --pgolf-log to table saved runs)")
+    if args.set and not args.side:
+        args.preset = preset_with(args.preset, args.set, args.out.resolve().parent / "record_parity_preset.yaml")
     if args.side == "pgolf":
         print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed,
                                                      args.save, args.pgolf_attention)))
@@ -311,7 +340,7 @@ def main() -> None:
         gpu = torch.cuda.get_device_name()
     text, result = table(rec, pg, args.batch_tokens, args.steps, args.concurrent)
     result |= {"gpu": gpu, "concurrent": args.concurrent, "steps": args.steps, "batch_tokens": args.batch_tokens,
-               "seed": args.seed, "record_script": str(args.record), "table": text,
+               "seed": args.seed, "record_script": str(args.record), "pgolf_set": args.set, "table": text,
                "traces": {"record": rec["trace"], "pgolf": pg["trace"]}}
     print(text)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -289,3 +289,23 @@ def test_the_parity_bench_scores_the_records_eval_contexts_each_as_if_alone(monk
     val = ValSplit(tokens, torch.ones_like(tokens))
     bpb = record_parity.score_segments(model, val, segments, 8, torch.device("cpu"))
     assert abs(bpb - alone / math.log(2) / (2 * batch)) < 1e-5
+
+
+def test_the_parity_bench_runs_pgolfs_side_with_preset_changes_checked_as_params_load(monkeypatch, tmp_path):
+    """record_parity.py --set train.pack=span: an A/B under the harness; a change that is not a param, or a value the
+    params refuse, stops the bench with one line before anything runs."""
+    from pgolf.config import load_params
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import record_parity
+
+    preset = ROOT / "presets" / "record.yaml"
+    out = record_parity.preset_with(preset, ["train.pack=span", "train.grad_clip=0.25"], tmp_path / "p.yaml")
+    changed, base = load_params(out), load_params(preset)
+    assert (changed.train.pack, changed.train.grad_clip) == ("span", 0.25)
+    assert changed.model == base.model and changed.eval == base.eval
+    for bad, says in (("train.pack=diagonal", "train.pack"), ("trian.pack=span", "trian.pack"),
+                      ("train.pack", "train.pack")):
+        with pytest.raises(SystemExit) as e:
+            record_parity.preset_with(preset, [bad], tmp_path / "bad.yaml")
+        assert says in str(e.value) and "\n" not in str(e.value)
