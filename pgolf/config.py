@@ -140,6 +140,7 @@ class TrainConfig:
     val_tokens: int = param(1_048_576, ge=1)  # cap on tokens for periodic val
     doc_mask: bool = False  # attention stays inside each document (a new one at every BOS)
     pack: str = param("rows", choices="pgolf.train:PACKINGS")  # span: a rank's micro-batch as one row (needs doc_mask)
+    embed_dtype: str = param("float32", choices="pgolf.train:EMBED_DTYPES")  # the token embedding's storage in training
     checkpoint_every_s: float = param(120.0, ge=0)  # resumable checkpoint period; 0 = off
 
 

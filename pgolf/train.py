@@ -46,6 +46,13 @@ PACKINGS.add("rows", False)  # rows of seq_len: attention also cut at each row's
 # 2026-04-10): a document that crosses a row boundary keeps its context
 PACKINGS.add("span", True)
 
+# train.embed_dtype: the token embedding (tied: also the output head) as stored and stepped in training. The record's
+# trainer casts its model to bf16 and back to float32 all but the embedding, so AdamW steps a bf16 embedding (its
+# rounding at every step, a noise the other weights do not get); results and checkpoints hold float32 either way
+EMBED_DTYPES: Registry[torch.dtype] = Registry("train.embed_dtype")
+EMBED_DTYPES.add("float32", torch.float32)
+EMBED_DTYPES.add("bfloat16", torch.bfloat16)
+
 # train.grad_clip_scope: does train.grad_clip measure each rank's own gradient, before the ranks average them?
 GRAD_CLIP_SCOPES: Registry[bool] = Registry("train.grad_clip_scope")
 GRAD_CLIP_SCOPES.add("global", False)  # the averaged gradient (DDP averages it during the backward, overlapped)
@@ -93,6 +100,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = GPT(mcfg).to(rt.device)
+        self.model.tok_emb.to(EMBED_DTYPES[cfg.embed_dtype])
         self.model.set_fp8(cfg.fp8)
         self.step_model = (torch.compile(self.model, dynamic=False, **COMPILE_MODES[cfg.compile_mode]) if cfg.compile
                            else self.model)

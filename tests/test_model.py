@@ -305,3 +305,25 @@ def test_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refused(tmp_pa
     assert asked == [{"dynamic": False}, {"dynamic": False, "mode": "reduce-overhead"}]
     with pytest.raises(PgolfError, match=r"^train.compile_mode: 'cudagraphs'; expected one of default, cuda_graphs$"):
         check_fields(tiny_train(compile_mode="cudagraphs"), "train")
+
+
+def test_a_bf16_embedding_is_stored_and_stepped_in_bf16_and_handed_on_in_float32(tmp_path):
+    """train.embed_dtype: bfloat16 (the record's trainer): the token embedding alone is kept in bf16 while training,
+    so each AdamW step rounds it; the results hold float32 tensors (bf16's values), the other weights train as
+    before in float32."""
+    from pgolf.train import EMBED_DTYPES
+
+    make_shards(tmp_path)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_model(), tiny_train(iterations=8, embed_dtype=dtype), tmp_path, CPU, log=lambda s: None)
+        runs[dtype] = trainer.run()
+        dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
+        assert dtypes.pop("tok_emb.weight") == EMBED_DTYPES[dtype] and set(dtypes.values()) == {torch.float32}
+    bf16, fp32 = (runs[d].raw["tok_emb.weight"] for d in ("bfloat16", "float32"))
+    assert bf16.dtype == fp32.dtype == runs["bfloat16"].ema["tok_emb.weight"].dtype == torch.float32
+    assert torch.equal(bf16, bf16.bfloat16().float()) and not torch.equal(fp32, fp32.bfloat16().float())
+    assert not torch.equal(bf16, fp32)
+    losses = [runs[d].metrics["final_train_loss"] for d in ("bfloat16", "float32")]
+    assert abs(losses[0] - losses[1]) < 0.05 * losses[1]  # the same training, rounded
