@@ -4,7 +4,8 @@
 # CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows; PGOLF_SET="train.pack=span ...": pgolf's
 # side with these preset changes), then, with QUANT=1, pgolf's checkpoint
 # quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files come back xz'd in pieces for
-# bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained
+# bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained (trained here first
+# when the machine has none)
 # (bench/eval_modes.py, no row started after EVAL_S seconds of its own; EVAL_ARGS: its further flags), then each A/B
 # of AB (';'-separated bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards,
 # then, with SCALE=1 on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling
@@ -28,6 +29,12 @@ if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   python3 bench/quantize_checkpoint.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR \
     --out-dir /tmp/quantized 2>&1 | grep -v "batch/s\]"
   tar -C /tmp/quantized -cf - . | xz -T0 -6 | split -b 15M - "$OUT/quantized.tar.xz."
+fi
+if [ "${EVAL:-0}" = 1 ] && [ ! -s bench/results/parity_ckpt.pt ]; then
+  # a fresh machine (one goes back after 30 s idle, even between calls issued at once): pgolf's side alone trains it
+  python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
+    --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --save bench/results/parity_ckpt.pt ${PGOLF_SET:+--set $PGOLF_SET} \
+    2>&1 | grep -v "^PGOLF_RESULT" | tail -3
 fi
 if [ "${EVAL:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   # logged to a file first: a call cut by its limit still returns the rows finished

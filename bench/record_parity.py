@@ -323,7 +323,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
         ap.error("to run: --mirror, and --record (or --record-log and --pgolf-log to table saved runs)")
-    if args.set and not args.side:
+    if args.set:
         args.preset = preset_with(args.preset, args.set, args.out.resolve().parent / "record_parity_preset.yaml")
     if args.side == "pgolf":
         print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed,
