@@ -8,8 +8,8 @@ tokens, attended within stretches cut at every BOS and every --seq-len tokens fr
 cu_seqlens), with the loops off and on. A difference here is a difference of the models; none means a gap between the
 two sides' val bpb comes from training. A second pair of rows casts the record's model as its trainer does (to bf16 and
 back: its tied embedding stays bf16 in training, and its RoPE frequencies, a buffer, are rounded to bf16 for good)
-before the weights are copied: what pgolf computes differently from the record's trained model. Prints a table,
-writes --out.
+before the weights are copied, beside the preset as it is (model.rope_freq_dtype: bfloat16 rounds pgolf's alike):
+the record's trained model's function against pgolf's. Prints a table, writes --out.
   python bench/record_equivalence.py --record .carry/record/train_gpt.py --mirror .carry/caseops_mirror
 """
 
@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,7 +84,8 @@ def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, see
             as_trained: bool = False) -> list[dict]:
     """Logits and NLL of both models over one packed row, loops off and on. `as_trained`: the record's model cast as
     its train_model casts it (to bf16, then everything but the embedding back to float32: its RoPE frequencies, a
-    buffer, stay rounded to bf16), then run in float32."""
+    buffer, stay rounded to bf16), then run in float32, beside the preset's model (model.rope_freq_dtype as set there);
+    else both in float32, pgolf's frequencies too."""
     h = record_module.Hyperparameters()
     rec = record_module.GPT(h)
     randomize(rec, seed)
@@ -92,7 +94,8 @@ def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, see
         record_module.restore_fp32_params(rec)
     rec = rec.float().eval()
     params = load_params(preset)
-    pg = GPT(params.model).eval()
+    model_cfg = params.model if as_trained else replace(params.model, rope_freq_dtype="float32")
+    pg = GPT(model_cfg).eval()
     mapped = record_to_pgolf(rec.state_dict(), params.model.layers, params.model.parallel_from)
     missing, unexpected = pg.load_state_dict(mapped, strict=False)
     if missing or unexpected:

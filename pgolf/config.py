@@ -71,6 +71,7 @@ class ModelConfig:
     ortho_init: bool = False  # orthogonal init of the hidden matrices (output projections stay zero)
     rope_base: float = param(10000.0, gt=0)
     rope_dims: int = param(0, ge=0)  # rotate the first k dims of each head; 0 = all
+    rope_freq_dtype: str = param("float32", choices="pgolf.model:ROPE_FREQ_DTYPES")  # the frequencies' precision
     qk_norm: bool = True
     qk_gain_init: float = 1.5
     logit_softcap: float = param(30.0, ge=0)  # 0 = off

@@ -24,6 +24,12 @@ def autocast(device: torch.device):
 
 
 ROPE_TABLE_LEN = 4096  # positions with precomputed rope tables; longer sequences compute theirs
+# model.rope_freq_dtype: the precision RoPE's frequencies are rounded to before the angles are taken. The record's
+# model is cast to bf16 and back, which leaves its frequencies (a buffer) rounded to bf16 in training and in eval
+# (0.031738 for 0.031623): a slightly different positional code, and the record's exact function
+ROPE_FREQ_DTYPES: Registry[torch.dtype] = Registry("model.rope_freq_dtype")
+ROPE_FREQ_DTYPES.add("float32", torch.float32)
+ROPE_FREQ_DTYPES.add("bfloat16", torch.bfloat16)
 
 
 ACTIVATIONS: Registry = Registry("model.activation")  # (hidden pre-activation, cfg) -> post-activation
@@ -317,6 +323,7 @@ class GPT(nn.Module):
 
     def _rope_angles(self, T: int, device: torch.device | None = None) -> torch.Tensor:
         inv = 1.0 / self.cfg.rope_base ** (torch.arange(self.rope_dims, device=device, dtype=torch.float32) / self.rope_dims)
+        inv = inv.to(ROPE_FREQ_DTYPES[self.cfg.rope_freq_dtype]).float()
         return torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
 
     def _rope(self, T: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -327,3 +327,21 @@ def test_a_bf16_embedding_is_stored_and_stepped_in_bf16_and_handed_on_in_float32
     assert not torch.equal(bf16, fp32)
     losses = [runs[d].metrics["final_train_loss"] for d in ("bfloat16", "float32")]
     assert abs(losses[0] - losses[1]) < 0.05 * losses[1]  # the same training, rounded
+
+
+def test_bf16_rope_frequencies_are_the_records_rounded_ones():
+    """model.rope_freq_dtype: bfloat16 takes the angles from frequencies rounded to bf16, as the record's model (cast
+    to bf16 and back) has them in training and eval: 0.031738 for 10000^(-3/8) = 0.031623 (partial RoPE, 16 of 64
+    dims); the function changes with the positions."""
+    from dataclasses import replace
+
+    cfg = tiny_model(dim=64, heads=1, kv_heads=1, rope_dims=16)
+    exact, rounded = (randomized(GPT(replace(cfg, rope_freq_dtype=d)), 3) for d in ("float32", "bfloat16"))
+    freqs = [m._rope_angles(2)[1] for m in (exact, rounded)]
+    assert freqs[0][3].item() == pytest.approx(10000 ** -0.375) and freqs[1][3].item() == 0.03173828125
+    assert torch.equal(freqs[1], freqs[0].bfloat16().float()) and not torch.equal(freqs[0], freqs[1])
+    rounded.load_state_dict(exact.state_dict())
+    idx = torch.randint(0, 320, (1, 256))
+    with torch.no_grad():
+        a, b = exact.logits(idx), rounded.logits(idx)
+    assert torch.equal(a[:, :1], b[:, :1]) and not torch.allclose(a, b, atol=1e-4)  # position 0 has no angle
