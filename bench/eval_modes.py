@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import ttt_cost  # noqa: E402
+from record_parity import dataset  # noqa: E402
 from pgolf import evaluate, runtime  # noqa: E402
 from pgolf.config import load_params  # noqa: E402
 from pgolf.data import load_val  # noqa: E402
@@ -111,7 +112,7 @@ def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]])
     base = GPT(params.model)
     base.load_state_dict(ckpt["state"])
     base.passes = ckpt["passes"]
-    val = load_val(split_dir(args.mirror), params.model.vocab_size)
+    val = load_val(dataset(args.mirror)[0], params.model.vocab_size)
     docs = documents(val.tokens, params.model.bos_id)
     cfg = variants(params.eval, len(docs), args.eager, cheaper, args.cuda_graphs)[name]
     compile_s = warm_compile(base, val, cfg, docs, rt.device)
@@ -138,10 +139,6 @@ def row_in_child(argv: list[str], name: str) -> dict | str:
     if proc.returncode < 0:
         return f"failed: killed by {signal.Signals(-proc.returncode).name}"
     return f"failed: exit status {proc.returncode} (its error is above)"
-
-
-def split_dir(mirror: Path) -> Path:
-    return next(p for p in (mirror / "datasets" / "datasets").iterdir() if p.is_dir())
 
 
 def main() -> None:
@@ -172,7 +169,7 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     params = load_params(args.preset)
-    val = load_val(split_dir(args.mirror), params.model.vocab_size)
+    val = load_val(dataset(args.mirror)[0], params.model.vocab_size)
     docs = documents(val.tokens, params.model.bos_id)
     n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None

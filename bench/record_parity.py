@@ -152,8 +152,11 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
             "calibrate_s": round(c.seconds, 2), "calibrate_tokens": c.tokens, "wall_s": time.perf_counter() - t0}
 
 
-def preset_with(preset: Path, sets: list[str], out: Path) -> Path:
-    """The preset with KEY=VALUE changes (dotted keys, YAML values), written to `out` and checked as params load."""
+def preset_with(preset: Path, sets: list[str], folder: Path) -> Path:
+    """The preset with KEY=VALUE changes (dotted keys, YAML values), written to a new file in `folder` (never over
+    one that is there) and checked as params load."""
+    import tempfile
+
     import yaml
 
     from pgolf.config import load_params
@@ -169,11 +172,15 @@ def preset_with(preset: Path, sets: list[str], out: Path) -> Path:
         if not sep or not isinstance(node, dict):
             raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE with a section of {preset.name}")
         node[leaf] = yaml.safe_load(value)
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    fd, name = tempfile.mkstemp(prefix="record_parity_preset_", suffix=".yaml", dir=folder)
+    out = Path(name)
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(raw, sort_keys=False))
     try:
         load_params(out)
     except PgolfError as e:
-        raise SystemExit(f"--set {' '.join(sets)}: {e}") from None
+        out.unlink()
+        raise SystemExit(f"--set {' '.join(sets)}: {str(e).removeprefix(f'{out}: ')}") from None
     return out
 
 
@@ -324,7 +331,7 @@ def main() -> None:
     if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
         ap.error("to run: --mirror, and --record (or --record-log and --pgolf-log to table saved runs)")
     if args.set:
-        args.preset = preset_with(args.preset, args.set, args.out.resolve().parent / "record_parity_preset.yaml")
+        args.preset = preset_with(args.preset, args.set, args.out.resolve().parent)
     if args.side == "pgolf":
         print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed,
                                                      args.save, args.pgolf_attention)))

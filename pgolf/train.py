@@ -48,7 +48,8 @@ PACKINGS.add("span", True)
 
 # train.embed_dtype: the token embedding (tied: also the output head) as stored and stepped in training. The record's
 # trainer casts its model to bf16 and back to float32 all but the embedding, so AdamW steps a bf16 embedding (its
-# rounding at every step, a noise the other weights do not get); results and checkpoints hold float32 either way
+# rounding at every step, a noise the other weights do not get); the results hold float32 either way (a resume
+# checkpoint keeps the table as it trains)
 EMBED_DTYPES: Registry[torch.dtype] = Registry("train.embed_dtype")
 EMBED_DTYPES.add("float32", torch.float32)
 EMBED_DTYPES.add("bfloat16", torch.bfloat16)

@@ -300,12 +300,13 @@ def test_the_parity_bench_runs_pgolfs_side_with_preset_changes_checked_as_params
     import record_parity
 
     preset = ROOT / "presets" / "record.yaml"
-    out = record_parity.preset_with(preset, ["train.pack=span", "train.grad_clip=0.25"], tmp_path / "p.yaml")
+    out = record_parity.preset_with(preset, ["train.pack=span", "train.grad_clip=0.25"], tmp_path)
     changed, base = load_params(out), load_params(preset)
     assert (changed.train.pack, changed.train.grad_clip) == ("span", 0.25)
     assert changed.model == base.model and changed.eval == base.eval
     for bad, says in (("train.pack=diagonal", "train.pack"), ("trian.pack=span", "trian.pack"),
                       ("train.pack", "train.pack")):
         with pytest.raises(SystemExit) as e:
-            record_parity.preset_with(preset, [bad], tmp_path / "bad.yaml")
+            record_parity.preset_with(preset, [bad], tmp_path)
         assert says in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == [out]  # a refused change leaves no file
