@@ -133,6 +133,12 @@ class Trainer:
         self.vals: list[tuple[int, float]] = []
         self.resumed_from = None
 
+    def start_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Begin from these weights instead of the seed's draw (and the EMA with them): a parity run starts from the
+        record's own initialization. Before run()."""
+        self.model.load_state_dict(state)
+        self.ema = [p.detach().clone().float() for p in self.params]
+
     def _accumulation(self) -> int:
         cfg, world = self.cfg, self.rt.world
         per_step = world * cfg.micro_batch_tokens

@@ -142,6 +142,20 @@ def test_ema_math(tmp_path):
         torch.testing.assert_close(result.ema[n], 0.05 * p0[n] + 0.95 * p1, rtol=0, atol=1e-6)
 
 
+def test_a_run_started_from_another_seeds_weights_is_that_seeds_run(tmp_path):
+    make_shards(tmp_path)
+    quiet = dict(log=lambda s: None)
+    first = Trainer(tiny_model(), tiny_train(iterations=6, seed=1), tmp_path, CPU, **quiet)
+    start = {n: t.clone() for n, t in first.model.state_dict().items()}
+    other = Trainer(tiny_model(), tiny_train(iterations=6, seed=2), tmp_path, CPU, **quiet)
+    assert any(not torch.equal(start[n], t) for n, t in other.model.state_dict().items())
+    other.start_from(start)
+    a, b = first.run(), other.run()
+    for mine, theirs in ((a.raw, b.raw), (a.ema, b.ema)):
+        for n, t in mine.items():
+            torch.testing.assert_close(theirs[n], t, rtol=0, atol=0)
+
+
 def test_wallclock_cap_stops_before_the_cap_less_the_calibration_reserve(tmp_path):
     make_shards(tmp_path)
     cfg = tiny_train(iterations=10**6, max_seconds=1.5, calibration_reserve_s=0.5)
