@@ -2,13 +2,13 @@
 # One device call: document-masked attention backends (bench/doc_attention.py), then the record's own script beside
 # pgolf's record preset (bench/record_parity.py, the record side stopped after RECORD_S seconds; PARITY=0 skips it;
 # CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows; PGOLF_SET="train.pack=span ...": pgolf's
-# side with these preset changes), then, with QUANT=1, pgolf's checkpoint
-# quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files come back xz'd in pieces for
-# bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side trained (trained here first
-# when the machine has none)
-# (bench/eval_modes.py, no row started after EVAL_S seconds of its own; EVAL_ARGS: its further flags), then each A/B
-# of AB (';'-separated bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards,
-# then, with SCALE=1 on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling
+# side with these preset changes; PGOLF_INIT=record: pgolf's side starts from the record's initial weights), then,
+# with QUANT=1, pgolf's checkpoint quantized with and without compress.reorder (bench/quantize_checkpoint.py; the
+# files come back xz'd in pieces for bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint
+# its side trained (trained here first when the machine has none) (bench/eval_modes.py, no row started after EVAL_S
+# seconds of its own; EVAL_ARGS: its further flags; EVAL_ONLY: its rows, ';'-separated), then each A/B of AB
+# (';'-separated bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards, then,
+# with SCALE=1 on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling
 # efficiency). Expects the record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and
 # a CaseOps mirror of the docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
@@ -23,7 +23,8 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
   --steps "${STEPS:-300}" --batch-tokens 196608 --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
-  --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --out "$OUT/record_parity.json" ${CONCURRENT:+--concurrent} \
+  --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --out "$OUT/record_parity.json" \
+  ${CONCURRENT:+--concurrent} \
   ${PGOLF_SET:+--set $PGOLF_SET} 2>&1 | tail -40
 if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   python3 bench/quantize_checkpoint.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR \
@@ -33,14 +34,18 @@ fi
 if [ "${EVAL:-0}" = 1 ] && [ ! -s bench/results/parity_ckpt.pt ]; then
   # a fresh machine (one goes back after 30 s idle, even between calls issued at once): pgolf's side alone trains it
   python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
-    --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --save bench/results/parity_ckpt.pt ${PGOLF_SET:+--set $PGOLF_SET} \
+    --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --record .carry/record/train_gpt.py \
+    --save bench/results/parity_ckpt.pt ${PGOLF_SET:+--set $PGOLF_SET} \
     2>&1 | grep -v "^PGOLF_RESULT" | tail -3
 fi
 if [ "${EVAL:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   # logged to a file first: a call cut by its limit still returns the rows finished
   # shellcheck disable=SC2086
+  only=()  # EVAL_ONLY: ';'-separated row names (they hold spaces and commas)
+  [ -n "${EVAL_ONLY:-}" ] && { IFS=';' read -ra rows <<< "$EVAL_ONLY"; only=(--only "${rows[@]}"); }
   python3 bench/eval_modes.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR --budget-s "${EVAL_S:-150}" \
-    --out "$OUT/eval_modes.json" --record-log .carry/record/train_seed42.log ${EVAL_ARGS:-} > "$OUT/eval_modes.log" 2>&1
+    --out "$OUT/eval_modes.json" --record-log .carry/record/train_seed42.log ${EVAL_ARGS:-} "${only[@]}" \
+    > "$OUT/eval_modes.log" 2>&1
   grep -v "it/s\]\|batch/s\]\|win/s\]" "$OUT/eval_modes.log" | tail -20
 fi
 if [ -n "${AB:-}" ]; then

@@ -97,11 +97,33 @@ def parse_record(out: str, steps: int, batch_tokens: int) -> dict:
             "peak_memory_gib": int(mem[1]) / 1024 if mem else float("nan"), "finished": ema is not None}
 
 
+def record_initial_state(script: Path, seed: int, preset: Path) -> dict:
+    """The record's initial weights as its trainer draws them, under pgolf's names: seeded as its train_and_eval
+    seeds, built on the host as its train_model builds them, and cast to bf16 and back as it casts them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from pgolf.config import load_params
+    from record_equivalence import load_record, record_to_pgolf
+
+    module = load_record(script)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    rec = module.GPT(module.Hyperparameters()).bfloat16()
+    module.restore_fp32_params(rec)
+    model = load_params(preset).model
+    return {k: v.float() for k, v in record_to_pgolf(rec.state_dict(), model.layers, model.parallel_from).items()}
+
+
 def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: int, save: Path | None,
-              doc_attention: str) -> dict:
+              doc_attention: str, init: dict | None = None) -> dict:
     """pgolf's trainer on the mirror's shards with the preset's model and schedule, its document masks through
-    `doc_attention` (a pgolf.attention backend); in this process. With `save`, the trained weights (EMA) go there for
-    bench/eval_modes.py."""
+    `doc_attention` (a pgolf.attention backend); in this process. With `init`, training starts from these weights
+    (record_initial_state) instead of pgolf's own draw from `seed`. With `save`, the trained weights (EMA) go there
+    for bench/eval_modes.py."""
     import torch
 
     from pgolf import attention, runtime
@@ -130,6 +152,8 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
     t0 = time.perf_counter()
     rt = runtime.init()
     trainer = Traced(params.model, cfg, data, rt, log=print)
+    if init is not None:
+        trainer.start_from(init)
     result = trainer.run()
     val = load_val(data, params.model.vocab_size)
     model = GPT(params.model).to(rt.device)
@@ -204,6 +228,9 @@ def score_segments(model, val, segments: list[tuple[int, int]], seq_len: int, de
     the window). Every target up to the last segment's end is scored exactly once."""
     from pgolf.score import Scorer, Window
 
+    if not segments:
+        raise SystemExit(f"the val split ({val.tokens.numel():,} tokens) holds none of the record's eval batches "
+                         f"({RECORD_VAL_SEQS} x {seq_len} inputs)")
     scorer = Scorer(val, seq_len, 32, 1.0, device, doc_mask=True)
     if segments[-1][0] + scorer.L >= val.tokens.numel():
         raise SystemExit(f"the record's last segment starts at {segments[-1][0]}: its window runs past the split")
@@ -287,7 +314,8 @@ def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
     work = args.out.resolve().parent
     cmd = [sys.executable, __file__, "--side", "pgolf", "--mirror", str(args.mirror), "--preset", str(args.preset),
            "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed),
-           "--pgolf-attention", args.pgolf_attention] + (["--save", str(args.save)] if args.save else [])
+           "--pgolf-attention", args.pgolf_attention, "--pgolf-init", args.pgolf_init, "--record", str(args.record)]
+    cmd += ["--save", str(args.save)] if args.save else []
     log = work / "record_parity_pgolf.log"
     with open(log, "w") as f:  # streamed: a side cut by the call's limit still leaves its log
         pgolf = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT) if args.concurrent else None
@@ -326,15 +354,21 @@ def main() -> None:
     ap.add_argument("--pgolf-log", type=Path, help="... and the pgolf side from the output of --side pgolf")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="pgolf's side with these preset changes, e.g. train.pack=span (an A/B under the harness)")
+    ap.add_argument("--pgolf-init", choices=("seed", "record"), default="seed",
+                    help="pgolf's initial weights: its own draw from --seed, or the record's (its script's own draw "
+                         "from --seed: the two sides then differ in training alone)")
     ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
     args = ap.parse_args()
     if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
         ap.error("to run: --mirror, and --record (or --record-log and --pgolf-log to table saved runs)")
+    if args.pgolf_init == "record" and not args.record:
+        ap.error("--pgolf-init record: needs --record (the script whose draw pgolf's side starts from)")
     if args.set:
         args.preset = preset_with(args.preset, args.set, args.out.resolve().parent)
     if args.side == "pgolf":
+        init = record_initial_state(args.record, args.seed, args.preset) if args.pgolf_init == "record" else None
         print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed,
-                                                     args.save, args.pgolf_attention)))
+                                                     args.save, args.pgolf_attention, init)))
         return
     if args.record_log and args.pgolf_log:  # the two sides run in separate device calls, tabled here
         rec = parse_record(args.record_log.read_text(), args.steps, args.batch_tokens)
@@ -347,7 +381,8 @@ def main() -> None:
         gpu = torch.cuda.get_device_name()
     text, result = table(rec, pg, args.batch_tokens, args.steps, args.concurrent)
     result |= {"gpu": gpu, "concurrent": args.concurrent, "steps": args.steps, "batch_tokens": args.batch_tokens,
-               "seed": args.seed, "record_script": str(args.record), "pgolf_set": args.set, "table": text,
+               "seed": args.seed, "pgolf_init": args.pgolf_init, "record_script": str(args.record),
+               "pgolf_set": args.set, "table": text,
                "traces": {"record": rec["trace"], "pgolf": pg["trace"]}}
     print(text)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -289,6 +289,10 @@ def test_the_parity_bench_scores_the_records_eval_contexts_each_as_if_alone(monk
     val = ValSplit(tokens, torch.ones_like(tokens))
     bpb = record_parity.score_segments(model, val, segments, 8, torch.device("cpu"))
     assert abs(bpb - alone / math.log(2) / (2 * batch)) < 1e-5
+    short = ValSplit(tokens[:batch], torch.ones(batch, dtype=torch.long))  # not one whole batch of the record's eval
+    with pytest.raises(SystemExit, match="holds none of the record's eval batches"):
+        record_parity.score_segments(model, short, record_parity.record_segments(short.tokens, BOS, 8), 8,
+                                     torch.device("cpu"))
 
 
 def test_the_parity_bench_runs_pgolfs_side_with_preset_changes_checked_as_params_load(monkeypatch, tmp_path):
