@@ -164,7 +164,9 @@ class LoraTTT:
             self.batch(mine[i * self.t.batch_docs:(i + 1) * self.t.batch_docs])
             scored = min((i + 1) * per_batch, len(docs))  # on every rank, once all have done batch i
             while bounds and scored >= bounds[0]:
-                self.global_phase(docs[:bounds.pop(0)])
+                end = bounds.pop(0)
+                if end:  # fewer prefix documents than phases leave the first phases none
+                    self.global_phase(docs[:end])
 
     def batch(self, batch: list[tuple[int, int]]) -> None:
         """A batch of documents, each from a zeroed B (no change), chunk by chunk."""

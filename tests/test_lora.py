@@ -2,6 +2,7 @@
 has scored; the ledger catches any training on a target not yet scored."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -184,6 +185,18 @@ def test_phased_global_sgd_learns_what_the_longest_documents_share_for_the_docum
     longest = sorted(lora.documents(val.tokens, BOS), key=lambda d: (d[0] - d[1], d[0]))[:4]
     tokens = [sum(e - s for s, e in longest[:2]), sum(e - s for s, e in longest)]
     assert record["ttt_global_steps"] == sum(-(-n // 64) - 1 for n in tokens)
+
+
+def test_phases_with_no_prefix_document_of_their_own_take_no_step():
+    """Fewer prefix documents than phases (a small split): the phases whose share of the prefix is empty are skipped,
+    the others run as the record's boundaries put them."""
+    val = shared_phrase_documents()
+    cfg = global_cfg(1.0)
+    cfg = replace(cfg, ttt=replace(cfg.ttt, prefix_docs=1, phases=3))  # boundaries 0, 0, 1
+    _, record = evaluate(randomized(GPT(tiny_model(bos_id=BOS)), 6), val, cfg, CPU)
+    s, e = sorted(lora.documents(val.tokens, BOS), key=lambda d: (d[0] - d[1], d[0]))[0]
+    assert record["ttt_global_steps"] == -(-(e - s) // 64) - 1 > 0
+    assert record["val_tokens_trained_before_scored"] == 0
 
 
 def test_global_sgd_on_documents_not_yet_scored_is_counted():
