@@ -118,6 +118,7 @@ class TrainConfig:
     muon_momentum_warmup_steps: int = param(500, ge=0)
     muon_wd: float = param(0.0, ge=0)
     muon_row_norm: bool = False  # MuonEq-R
+    muon_dtype: str = param("float32", choices="pgolf.optim:MUON_DTYPES")  # momentum buffers and the grads into them
     ns_steps: int = param(5, ge=1)
     ns_coeffs: str = param("quintic", choices="pgolf.optim:NS_COEFFS")
     adam_wd: float = param(0.0, ge=0)  # scalars, gates and the untied head

@@ -25,6 +25,13 @@ NS_COEFFS.add("polar_express", (
 ))
 
 
+# train.muon_dtype: Muon's momentum buffers and the gradients added to them. The record keeps both in bf16 (its
+# buffers are bf16 and it casts each gradient before the momentum); float32 rounds neither.
+MUON_DTYPES: Registry[torch.dtype] = Registry("train.muon_dtype")
+MUON_DTYPES.add("float32", torch.float32)
+MUON_DTYPES.add("bfloat16", torch.bfloat16)
+
+
 def ns_schedule(name: str, steps: int) -> list[tuple[float, float, float]]:
     table = NS_COEFFS[name]
     return [table[0]] * steps if len(table) == 1 else list(table[:steps])
@@ -55,10 +62,17 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0,
-                 row_norm: bool = False, nesterov: bool = True, ns_coeffs: str = "quintic"):
+                 row_norm: bool = False, nesterov: bool = True, ns_coeffs: str = "quintic",
+                 state_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
                                       row_norm=row_norm, nesterov=nesterov, ns_coeffs=ns_coeffs))
+        self.state_dtype = state_dtype
         self.rank, self.world = rank_world()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # which casts each buffer to its parameter's dtype: back to state_dtype
+        for state in self.state.values():
+            state["momentum_buffer"] = state["momentum_buffer"].to(self.state_dtype)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -85,13 +99,14 @@ class Muon(torch.optim.Optimizer):
         mine = params[self.rank::self.world]
         per_rank = -(-len(params) // self.world)
         momentum = group["momentum"]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+        dtype = self.state_dtype
+        grads = [p.grad.to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype) for p in mine]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=dtype)) for p in mine]
         if mine:  # foreach ops: a few launches per shape, not a few per matrix
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)
         rows = list(torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] and mine else bufs)
-        rows += [torch.zeros(shape, device=params[0].device)] * (per_rank - len(mine))
+        rows += [torch.zeros(shape, device=params[0].device, dtype=dtype)] * (per_rank - len(mine))
         G = torch.stack(rows)
         if group["row_norm"]:  # MuonEq-R: equalize row norms before orthogonalizing
             G = G / (G.norm(dim=-1, keepdim=True) + 1e-7)
@@ -120,7 +135,8 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     fused = next(model.parameters()).is_cuda
     opts = [
         Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps,
-             weight_decay=cfg.muon_wd, row_norm=cfg.muon_row_norm, ns_coeffs=cfg.ns_coeffs),
+             weight_decay=cfg.muon_wd, row_norm=cfg.muon_row_norm, ns_coeffs=cfg.ns_coeffs,
+             state_dtype=MUON_DTYPES[cfg.muon_dtype]),
         torch.optim.AdamW(adam_groups, betas=(0.9, cfg.adam_beta2), eps=1e-8, fused=fused),
     ]
     for opt in opts:
