@@ -20,9 +20,11 @@ runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, th
 
 The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds
 are the mode's wall time (model build excluded, first-use compiles included, except a compiled LoRA row's: its
-compile is paid on its first documents beforehand and reported as compile s). The projection scales the seconds by
-FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and adds the compile s once: a projection from
-one GPU, not a measurement. The docs corpus has longer documents than FineWeb, and a LoRA step's work per target
+compile is paid on its first documents beforehand and reported as compile s). The rows of one run compile into a
+cache of their own, empty at the start (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the first compiled row's compile
+is cold, as on a fresh eval machine, and the rows after it find its kernels, so their projections take that cold
+compile, not their own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this split's,
+divides by 8 GPUs and adds the compile once: a projection from one GPU, not a measurement. The docs corpus has longer documents than FineWeb, and a LoRA step's work per target
 grows with its document's length (up to the window): with --record-log, a LoRA row is also projected by the tokens its
 steps run on FineWeb's documents over this split's (bench/ttt_cost.py; FineWeb's lengths from the record's log), and
 the pick goes by that. Each row runs in a process of its own: a row that crashes it (call 44: a segmentation fault in the
@@ -33,9 +35,12 @@ import argparse
 import copy
 import faulthandler
 import json
+import shutil
 import signal
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -126,13 +131,14 @@ def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]])
     seconds = time.perf_counter() - t0
     return {"mode": name, "eval_mode": cfg.mode, "val_bpb": round(s.bpb, 5), "seconds": round(seconds, 1),
             "compile_s": round(compile_s, 1), "targets": s.tokens,
-            "projected_8gpu_s": round(compile_s + seconds * FINEWEB_VAL_TARGETS / s.tokens / 8, 1),
             **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
 
 
-def row_in_child(argv: list[str], name: str) -> dict | str:
-    """run_row in a fresh process (its own CUDA context and compile caches): the row, or why there is none."""
-    proc = subprocess.run([sys.executable, __file__, *argv, "--row", name], stdout=subprocess.PIPE, text=True)
+def row_in_child(argv: list[str], name: str, cache: str) -> dict | str:
+    """run_row in a fresh process (its own CUDA context; compiled code from `cache` only): the row, or why there is
+    none."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    proc = subprocess.run([sys.executable, __file__, *argv, "--row", name], stdout=subprocess.PIPE, text=True, env=env)
     rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode == 0 and rows:
         return json.loads(rows[-1])
@@ -173,27 +179,36 @@ def main() -> None:
     docs = documents(val.tokens, params.model.bos_id)
     n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
-    rows, failed = [], {}
-    for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items():
-        if args.only and name not in args.only:
-            continue
-        if time.perf_counter() - t_start > args.budget_s:
-            print(f"{name}: not started (budget)", flush=True)
-            continue
-        row = row_in_child(argv, name)
-        if isinstance(row, str):
-            print(f"{name}: {row}", flush=True)
-            failed[name] = row
-            continue
-        if fineweb is not None and cfg.mode == "lora_ttt":  # the LoRA steps' work, not the targets, scaled
-            work = [ttt_cost.lora_work(n, cfg.ttt.chunk_tokens, cfg.seq_len, cfg.ttt.batch_docs) for n in (fineweb, lengths)]
-            row["projected_8gpu_s_work"] = round(row["compile_s"] + row["seconds"] * work[0] / work[1] / 8, 1)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows, failed, cold = [], {}, None
+    cache = tempfile.mkdtemp(prefix="eval_modes_compile_")
+    try:
+        for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items():
+            if args.only and name not in args.only:
+                continue
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"{name}: not started (budget)", flush=True)
+                continue
+            row = row_in_child(argv, name, cache)
+            if isinstance(row, str):
+                print(f"{name}: {row}", flush=True)
+                failed[name] = row
+                continue
+            if row["compile_s"] > 0:  # the first compiled row's compile was cold; the later ones found its kernels
+                cold = cold or row["compile_s"]
+                row["compile_projected_s"] = max(row["compile_s"], cold)
+            compile_s = row.get("compile_projected_s", 0.0)
+            row["projected_8gpu_s"] = round(compile_s + row["seconds"] * FINEWEB_VAL_TARGETS / row["targets"] / 8, 1)
+            if fineweb is not None and cfg.mode == "lora_ttt":  # the LoRA steps' work, not the targets, scaled
+                work = [ttt_cost.lora_work(n, cfg.ttt.chunk_tokens, cfg.seq_len, cfg.ttt.batch_docs) for n in (fineweb, lengths)]
+                row["projected_8gpu_s_work"] = round(compile_s + row["seconds"] * work[0] / work[1] / 8, 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     gpu = runtime.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: compile s + seconds x "
-          f"{FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA rows with --record-log, x FineWeb's LoRA work / this "
-          "split's instead (bench/ttt_cost.py)")
+    print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: the first compiled row's "
+          f"(cold) compile s, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA "
+          "rows with --record-log, x FineWeb's LoRA work / this split's instead (bench/ttt_cost.py)")
     print("| mode | val bpb | vs sliding | seconds | compile s | projected 8-GPU s | by LoRA work |\n"
           "|---|---|---|---|---|---|---|")
     ref = next((r["val_bpb"] for r in rows if r["mode"] == "sliding"), float("nan"))
