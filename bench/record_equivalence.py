@@ -117,6 +117,66 @@ def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, see
     return rows
 
 
+def train_step_rows(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, seed: int) -> list[dict]:
+    """One training step of each trainer from the record's initial weights (its own draw from `seed`, cast as its
+    trainer casts it) on one packed row of train tokens: the record's loss, backward, clip and its three optimizers
+    (tied-embedding AdamW, Muon on the banks, scalar AdamW) beside pgolf's model, clip and build_optimizers at the
+    preset's settings, both at step 0 of their schedules (LR scale 1, Muon momentum at its warm-up start). On the host,
+    both forwards in float32 (the record's bf16 embedding table would run its whole forward in bf16 here), Muon's state
+    and Newton-Schulz in bf16 on both sides, as on a GPU. A row per parameter: the relative difference of the gradients
+    and of the updates (pgolf's against the record's)."""
+    from pgolf import optim
+    from pgolf.optim import apply_schedule, build_optimizers, muon_momentum
+
+    params = load_params(preset)
+    cfg, layers, lanes_from = params.train, params.model.layers, params.model.parallel_from
+    torch.manual_seed(seed)
+    rec = record_module.GPT(record_module.Hyperparameters()).bfloat16()
+    record_module.restore_fp32_params(rec)
+    rec.tok_emb.float()
+    rec.fused_ce_enabled = False  # its Triton kernels (loss, MLP): the eager paths compute the same
+    for block in rec.blocks:
+        block.mlp.use_fused = False
+    h = record_module.Hyperparameters()
+    pg = GPT(params.model)
+    pg.load_state_dict(record_to_pgolf(rec.state_dict(), layers, lanes_from))
+    rec.looping_active, pg.passes = False, 0  # step 0: the loops switch on at 35 %
+    record_module.zeropower_via_newtonschulz5 = record_module.zeropower_via_newtonschulz5._torchdynamo_orig_callable
+    torch.cuda.Stream = lambda *a, **k: None  # its Optimizers makes a side stream; its three steps are taken here
+    rec_opt = record_module.Optimizers(h, rec)
+    for group in rec_opt.optimizer_muon.param_groups:
+        group["momentum"] = h.muon_momentum_warmup_start
+    pg_opts = build_optimizers(pg, cfg)
+    optim.NS_DTYPES["cpu"] = torch.bfloat16  # the record's Newton-Schulz is bf16 anywhere
+    apply_schedule(pg_opts, 1.0, muon_momentum(0, cfg))
+    idx, targets = tokens[None, :-1], tokens[None, 1:]
+    rec(idx, targets, cu_seqlens=_cu_seqlens(idx, params.model.bos_id, seq_len), max_seqlen=seq_len).backward()
+    pg(idx, targets, document_mask(idx, params.model.bos_id, backend="varlen", max_len=seq_len)).backward()
+    rec_grads = record_to_pgolf({n: q.grad.detach().float().clone() for n, q in rec.named_parameters()}, layers,
+                                lanes_from)
+    before = {n: q.detach().float().clone() for n, q in pg.named_parameters()}
+    pg_grads = {n: q.grad.detach().float().clone() for n, q in pg.named_parameters()}
+    torch.nn.utils.clip_grad_norm_(list(rec.parameters()), h.grad_clip_norm)
+    for opt in (rec_opt.optimizer_tok, rec_opt.optimizer_scalar, rec_opt.optimizer_muon):
+        opt.step()
+    torch.nn.utils.clip_grad_norm_(list(pg.parameters()), cfg.grad_clip)
+    for opt in pg_opts:
+        opt.step()
+    rec_after = record_to_pgolf({n: q.detach().float() for n, q in rec.named_parameters()}, layers, lanes_from)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    muon = {id(q) for o in pg_opts if isinstance(o, optim.Muon) for group in o.param_groups for q in group["params"]}
+    rows = []
+    for n, q in pg.named_parameters():
+        u_rec, u_pg = rec_after[n] - before[n], q.detach().float() - before[n]
+        rows.append({"param": n, "optimizer": "Muon" if id(q) in muon else "AdamW", "grad_rel_diff": rel(pg_grads[n], rec_grads[n]), "update_rel_diff": rel(u_pg, u_rec),
+                     "grad_norm_record": float(rec_grads[n].norm()), "update_norm_record": float(u_rec.norm()),
+                     "update_norm_pgolf": float(u_pg.norm())})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--record", type=Path, required=True, help="the record's train_gpt.py")
@@ -125,6 +185,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="val tokens in the packed row")
     ap.add_argument("--seq-len", type=int, default=256, help="stretches cut every this many tokens of a document")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-step", type=int, metavar="TOKENS", default=0,
+                    help="also one training step of both trainers from the record's init (its draw from 42) on this "
+                         "many train tokens in one row cut every 2048 tokens of a document (train_step_rows)")
     ap.add_argument("--out", type=Path, default=Path("record_equivalence.json"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -140,8 +203,22 @@ def main() -> None:
               f"{r['nll_record']:.6f} | {r['nll_pgolf']:.6f} | {r['nll_diff']:+.2e} |")
     print(f"{rows[0]['tokens']} val targets in one row, {rows[0]['stretches']} stretches (cut at BOS and every "
           f"{args.seq_len} tokens of a document); float32 on {torch.device('cpu')}, random weights (seed {args.seed})")
-    args.out.write_text(json.dumps({"record_script": str(args.record), "seq_len": args.seq_len, "rows": rows},
-                                   indent=1) + "\n")
+    step_rows = []
+    if args.train_step:
+        from pgolf.data import read_shard, shard_paths
+
+        train = torch.from_numpy(read_shard(shard_paths(data, "train")[0])[:args.train_step + 1].astype("int64"))
+        step_rows = train_step_rows(record, args.preset, train, 2048, 42)
+        print("\none training step from the record's init, pgolf's against the record's (relative difference)\n"
+              "| parameters | count | max gradient diff | max update diff | update norm, pgolf / record |\n"
+              "|---|---|---|---|---|")
+        for kind in ("AdamW", "Muon"):
+            sel = [r for r in step_rows if r["optimizer"] == kind and r["update_norm_record"] > 0]
+            norms = sum(r["update_norm_pgolf"] for r in sel) / sum(r["update_norm_record"] for r in sel)
+            print(f"| {kind} | {len(sel)} | {max(r['grad_rel_diff'] for r in sel if r['grad_norm_record'] > 0):.1e} | "
+                  f"{max(r['update_rel_diff'] for r in sel):.1e} | {norms:.5f} |")
+    args.out.write_text(json.dumps({"record_script": str(args.record), "seq_len": args.seq_len, "rows": rows,
+                                    "train_step_rows": step_rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,14 @@ def ns_schedule(name: str, steps: int) -> list[tuple[float, float, float]]:
     return [table[0]] * steps if len(table) == 1 else list(table[:steps])
 
 
+# Newton-Schulz's precision by device type: bf16 where its matmuls are fast, float32 elsewhere (a host's bf16 matmuls
+# are slow); bench/record_equivalence.py sets the host's to bf16 to round as a GPU does
+NS_DTYPES: dict[str, torch.dtype] = {"cuda": torch.bfloat16}
+
+
 def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs: str = "quintic") -> torch.Tensor:
     """Approximately orthogonalize each matrix of a (..., m, n) batch."""
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(NS_DTYPES.get(G.device.type, torch.float32))
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
