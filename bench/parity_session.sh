@@ -3,17 +3,19 @@
 # pgolf's record preset (bench/record_parity.py, the record side stopped after RECORD_S seconds; PARITY=0 skips it;
 # CONCURRENT=1 runs both sides at once: losses and val bpb, no speed rows; PGOLF_SET="train.pack=span ...": pgolf's
 # side with these preset changes; PGOLF_INIT=record: pgolf's side starts from the record's initial weights), then,
-# with QUANT=1, pgolf's checkpoint quantized with and without compress.reorder (bench/quantize_checkpoint.py; the
-# files come back xz'd in pieces for bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint
-# its side trained (trained here first when the machine has none) (bench/eval_modes.py, no row started after EVAL_S
-# seconds of its own; EVAL_ARGS: its further flags; EVAL_ONLY: its rows, ';'-separated), then each A/B of AB
-# (';'-separated bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards, then,
-# with SCALE=1 on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling
-# efficiency). Expects the record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and
-# a CaseOps mirror of the docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
+# with SPREAD="43 44 45", pgolf's side alone from each of those seeds at once (val bpb: a seed's spread), then, with
+# QUANT=1, pgolf's checkpoint quantized with and without compress.reorder (bench/quantize_checkpoint.py; the files
+# come back xz'd in pieces for bench/codec_table.py), then, with EVAL=1, pgolf's eval modes on the checkpoint its side
+# trained (trained here first when the machine has none) (bench/eval_modes.py, no row started after EVAL_S seconds of
+# its own; EVAL_ARGS: its further flags; EVAL_ONLY: its rows, ';'-separated), then each A/B of AB (';'-separated
+# bench/train_throughput.py flags, "" the baseline) on the record preset and the mirror's shards, then, with SCALE=1
+# on a 2-GPU machine, the record preset on 2 ranks and on 1 at the same global batch (scaling efficiency). Expects the
+# record's folder in .carry/record/ (fetched from openai/parameter-golf, never committed) and a CaseOps mirror of the
+# docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
 #   PARITY=0 ATTENTION=0 EVAL=1 EVAL_S=400 EVAL_ARGS="--cuda-graphs --cheaper 96x2048 96x1024" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
+#   ATTENTION=0 PARITY=0 PGOLF_ATTENTION=flex SPREAD="43 44 45" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 SCALE=1 bash bench/parity_session.sh       (kind nvidia-h200-x2)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
@@ -26,6 +28,26 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
   --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --out "$OUT/record_parity.json" \
   ${CONCURRENT:+--concurrent} \
   ${PGOLF_SET:+--set $PGOLF_SET} 2>&1 | tail -40
+if [ -n "${SPREAD:-}" ]; then
+  # pgolf's side alone from each seed of SPREAD, all at once: the spread a different initial draw makes
+  for seed in $SPREAD; do
+    python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
+      --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --seed "$seed" ${PGOLF_SET:+--set $PGOLF_SET} \
+      > "$OUT/spread_$seed.log" 2>&1 &
+  done
+  wait
+  python3 - "$OUT" $SPREAD <<'PY'
+import json, sys
+for seed in sys.argv[2:]:
+    out = open(f"{sys.argv[1]}/spread_{seed}.log").read()
+    if "PGOLF_RESULT " not in out:
+        print(f"seed {seed}: failed ({out.strip().splitlines()[-1] if out.strip() else 'no output'})")
+        continue
+    r = json.loads(out.split("PGOLF_RESULT ", 1)[1].splitlines()[0])
+    print(f"seed {seed}: val bpb raw {r['val_bpb_raw']:.4f} on every target, {r['val_bpb_raw_record_targets']:.4f} on "
+          f"the record's; train loss at the end {r['trace'][-1][2]:.4f}")
+PY
+fi
 if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   python3 bench/quantize_checkpoint.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR \
     --out-dir /tmp/quantized 2>&1 | grep -v "batch/s\]"
