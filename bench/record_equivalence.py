@@ -9,8 +9,10 @@ cu_seqlens), with the loops off and on. A difference here is a difference of the
 two sides' val bpb comes from training. A second pair of rows casts the record's model as its trainer does (to bf16 and
 back: its tied embedding stays bf16 in training, and its RoPE frequencies, a buffer, are rounded to bf16 for good)
 before the weights are copied, beside the preset as it is (model.rope_freq_dtype: bfloat16 rounds pgolf's alike):
-the record's trained model's function against pgolf's. Prints a table, writes --out.
-  python bench/record_equivalence.py --record .carry/record/train_gpt.py --mirror .carry/caseops_mirror
+the record's trained model's function against pgolf's. With --train-step N, both trainers also take one step from
+the record's initial weights on N train tokens (train_step_rows): the gradients and each optimizer's updates compared.
+Prints tables, writes --out.
+  python bench/record_equivalence.py --record .carry/record/train_gpt.py --mirror .carry/caseops_mirror [--train-step 4096]
 """
 
 import argparse
@@ -171,7 +173,8 @@ def train_step_rows(record_module, preset: Path, tokens: torch.Tensor, seq_len: 
     rows = []
     for n, q in pg.named_parameters():
         u_rec, u_pg = rec_after[n] - before[n], q.detach().float() - before[n]
-        rows.append({"param": n, "optimizer": "Muon" if id(q) in muon else "AdamW", "grad_rel_diff": rel(pg_grads[n], rec_grads[n]), "update_rel_diff": rel(u_pg, u_rec),
+        rows.append({"param": n, "optimizer": "Muon" if id(q) in muon else "AdamW",
+                     "grad_rel_diff": rel(pg_grads[n], rec_grads[n]), "update_rel_diff": rel(u_pg, u_rec),
                      "grad_norm_record": float(rec_grads[n].norm()), "update_norm_record": float(u_rec.norm()),
                      "update_norm_pgolf": float(u_pg.norm())})
     return rows
