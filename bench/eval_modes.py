@@ -18,26 +18,27 @@ runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, th
   up to L tokens (larger chunks: fewer steps a document, each LoRA step later; shorter windows: less context);
 - `LoRA, eager` (with --eager): the first LoRA row uncompiled (the compile's gain).
 
-The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds
-are the mode's wall time (model build excluded, first-use compiles included, except a compiled LoRA row's: its
-compile is paid on its first documents beforehand and reported as compile s). The rows of one run compile into a
-cache of their own, empty at the start (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the first compiled row's compile
-is cold, as on a fresh eval machine, and the rows after it find its kernels, so their projections take that cold
-compile, not their own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this split's,
-divides by 8 GPUs and adds the compile once: a projection from one GPU, not a measurement. The docs corpus has longer documents than FineWeb, and a LoRA step's work per target
-grows with its document's length (up to the window): with --record-log, a LoRA row is also projected by the tokens its
-steps run on FineWeb's documents over this split's (bench/ttt_cost.py; FineWeb's lengths from the record's log), and
-the pick goes by that. Each row runs in a process of its own: a row that crashes it (call 44: a segmentation fault in the
-CUDA-graphs row) is reported as failed and the others still run. Prints a table, writes --out.
+The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds are
+the mode's wall time (model build excluded, first-use compiles included, except a compiled LoRA row's: its compile is
+paid on its first documents beforehand and reported as compile s). The rows of one run compile into a cache of their
+own, empty at the start (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the first compiled row's compile is cold, as on a
+fresh eval machine, and the rows after it find its kernels, so their projections take that cold compile, not their
+own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and
+adds the compile once: a projection from one GPU, not a measurement. The docs corpus has longer documents than
+FineWeb, and a LoRA step's work per target grows with its document's length (up to the window): with --record-log, a
+LoRA row is also projected by the tokens its steps run on FineWeb's documents over this split's (bench/ttt_cost.py;
+FineWeb's lengths from the record's log), and the pick goes by that. Each row runs in a process of its own: a row that
+crashes it (call 44: a segmentation fault in the CUDA-graphs row) is reported as failed and the others still run.
+Prints a table, writes --out.
 """
 
 import argparse
 import copy
 import faulthandler
 import json
+import os
 import shutil
 import signal
-import os
 import subprocess
 import sys
 import tempfile

@@ -21,6 +21,13 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 MIRROR=.carry/caseops_mirror
+# pgolf's side alone (bench/record_parity.py --side pgolf), with the session's attention, init and preset changes
+pgolf_side() {
+  # shellcheck disable=SC2086
+  python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
+    --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --record .carry/record/train_gpt.py \
+    ${PGOLF_SET:+--set $PGOLF_SET} "$@"
+}
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
@@ -31,9 +38,7 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 if [ -n "${SPREAD:-}" ]; then
   # pgolf's side alone from each seed of SPREAD, all at once: the spread a different initial draw makes
   for seed in $SPREAD; do
-    python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
-      --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --seed "$seed" ${PGOLF_SET:+--set $PGOLF_SET} \
-      > "$OUT/spread_$seed.log" 2>&1 &
+    pgolf_side --seed "$seed" > "$OUT/spread_$seed.log" 2>&1 &
   done
   wait
   python3 - "$OUT" $SPREAD <<'PY'
@@ -55,16 +60,13 @@ if [ "${QUANT:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
 fi
 if [ "${EVAL:-0}" = 1 ] && [ ! -s bench/results/parity_ckpt.pt ]; then
   # a fresh machine (one goes back after 30 s idle, even between calls issued at once): pgolf's side alone trains it
-  python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
-    --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --record .carry/record/train_gpt.py \
-    --save bench/results/parity_ckpt.pt ${PGOLF_SET:+--set $PGOLF_SET} \
-    2>&1 | grep -v "^PGOLF_RESULT" | tail -3
+  pgolf_side --save bench/results/parity_ckpt.pt 2>&1 | grep -v "^PGOLF_RESULT" | tail -3
 fi
 if [ "${EVAL:-0}" = 1 ] && [ -s bench/results/parity_ckpt.pt ]; then
   # logged to a file first: a call cut by its limit still returns the rows finished
-  # shellcheck disable=SC2086
   only=()  # EVAL_ONLY: ';'-separated row names (they hold spaces and commas)
   [ -n "${EVAL_ONLY:-}" ] && { IFS=';' read -ra rows <<< "$EVAL_ONLY"; only=(--only "${rows[@]}"); }
+  # shellcheck disable=SC2086
   python3 bench/eval_modes.py --checkpoint bench/results/parity_ckpt.pt --mirror $MIRROR --budget-s "${EVAL_S:-150}" \
     --out "$OUT/eval_modes.json" --record-log .carry/record/train_seed42.log ${EVAL_ARGS:-} "${only[@]}" \
     > "$OUT/eval_modes.log" 2>&1

@@ -19,10 +19,12 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,22 @@ def load_record(script: Path):
     spec.loader.exec_module(module)
     module.BOS_ID = 1  # set by its loaders at run time
     return module
+
+
+def cast_as_trained(record_module, rec):
+    """The record's model cast as its train_model casts it: to bf16, then all but the tied embedding back to float32
+    (its RoPE frequencies, a buffer, stay rounded to bf16)."""
+    rec = rec.bfloat16()
+    record_module.restore_fp32_params(rec)
+    return rec
+
+
+def record_initial_model(record_module, seed: int):
+    """The record's model as its trainer starts it: seeded as its train_and_eval seeds, built on the host, cast."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return cast_as_trained(record_module, record_module.GPT(record_module.Hyperparameters()))
 
 
 def record_to_pgolf(state: dict, layers: int, parallel_from: int) -> dict:
@@ -92,8 +110,7 @@ def compare(record_module, preset: Path, tokens: torch.Tensor, seq_len: int, see
     rec = record_module.GPT(h)
     randomize(rec, seed)
     if as_trained:
-        rec = rec.bfloat16()
-        record_module.restore_fp32_params(rec)
+        rec = cast_as_trained(record_module, rec)
     rec = rec.float().eval()
     params = load_params(preset)
     model_cfg = params.model if as_trained else replace(params.model, rope_freq_dtype="float32")
@@ -132,9 +149,7 @@ def train_step_rows(record_module, preset: Path, tokens: torch.Tensor, seq_len: 
 
     params = load_params(preset)
     cfg, layers, lanes_from = params.train, params.model.layers, params.model.parallel_from
-    torch.manual_seed(seed)
-    rec = record_module.GPT(record_module.Hyperparameters()).bfloat16()
-    record_module.restore_fp32_params(rec)
+    rec = record_initial_model(record_module, seed)
     rec.tok_emb.float()
     rec.fused_ce_enabled = False  # its Triton kernels (loss, MLP): the eager paths compute the same
     for block in rec.blocks:

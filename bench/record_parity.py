@@ -98,22 +98,12 @@ def parse_record(out: str, steps: int, batch_tokens: int) -> dict:
 
 
 def record_initial_state(script: Path, seed: int, preset: Path) -> dict:
-    """The record's initial weights as its trainer draws them, under pgolf's names: seeded as its train_and_eval
-    seeds, built on the host as its train_model builds them, and cast to bf16 and back as it casts them."""
-    import random
-
-    import numpy as np
-    import torch
-
+    """The record's initial weights as its trainer draws them (record_equivalence.record_initial_model), under
+    pgolf's names."""
     from pgolf.config import load_params
-    from record_equivalence import load_record, record_to_pgolf
+    from record_equivalence import load_record, record_initial_model, record_to_pgolf
 
-    module = load_record(script)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    rec = module.GPT(module.Hyperparameters()).bfloat16()
-    module.restore_fp32_params(rec)
+    rec = record_initial_model(load_record(script), seed)
     model = load_params(preset).model
     return {k: v.float() for k, v in record_to_pgolf(rec.state_dict(), model.layers, model.parallel_from).items()}
 
