@@ -303,3 +303,22 @@ def test_the_cuda_graphs_mode_reaches_torch_compile(monkeypatch):
     model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
     evaluate(model, repeating_documents(n_docs=2), lora_cfg(compile=True, compile_mode="cuda_graphs"), CPU)
     assert seen["mode"] == "reduce-overhead" and seen["dynamic"] is True
+
+
+def test_the_record_preset_evaluates_with_the_row_the_eval_bench_picked(monkeypatch):
+    """presets/record.yaml takes `LoRA, 96 x 1024` of bench/eval_modes.py (the best row projected under 540 s,
+    bench/NOTES.md call 49) as that row runs it, with FineWeb's prefix of 2,500 documents; the bench's other rows stay
+    the record's (windows of 2048, phased SGD at lr 0.001) whatever mode the preset takes."""
+    import sys
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("eval_modes", None)
+    import eval_modes
+
+    preset = load_params(ROOT / "presets" / "record.yaml").eval
+    rows = eval_modes.variants(preset, 50_000, eager=False, cheaper=[(96, 1024)])
+    assert rows["LoRA, 96 x 1024"] == preset
+    assert {rows[r].seq_len for r in ("sliding", "document-masked", "phased SGD", "LoRA")} == {2048}
+    assert (rows["phased SGD"].ttt.lr, rows["LoRA"].ttt.chunk_tokens) == (0.001, 48)
