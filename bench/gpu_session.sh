@@ -7,7 +7,8 @@
 # $OUT/quant_table.json and $OUT/codec_table.json.
 #   PRESET=challenge TRAIN_S=120 SWEEP="gptq_cs:quant.method=gptq,quant.clip_rule=clip_search ..." \
 #     TABLE="--eval=plain gptq_cs:method=gptq,clip_rule=clip_search ..." CODECS="zpaq zpaq_o1" bash bench/gpu_session.sh
-# Expects .whl/ (dvc and what the image lacks; none: the environment has them) and .carry/docs.jsonl.zst. Starts no
+# Expects .whl/ (dvc and what the image lacks, bench/device_wheels.sh; none: the environment has them) and
+# .carry/docs.jsonl.zst, or for the record preset .carry/caseops_mirror/ (read as FineWeb's CaseOps export). Starts no
 # sweep point or table after BUDGET_S seconds.
 set -uo pipefail
 START=$(date +%s)
@@ -31,14 +32,18 @@ if [ "$PRESET" = challenge ]; then  # FineWeb's own path (data.source: fineweb) 
     --shard-tokens 20000000 | tee "$OUT/mirror.txt" || exit 1
 fi
 python3 - "$PRESET" "$TRAIN_S" <<'PY'
-import json, sys, yaml
+import json, os, sys, yaml
 preset, train_s = sys.argv[1], float(sys.argv[2])
 p = yaml.safe_load(open("params.yaml"))
 if preset == "challenge":
     stats = json.load(open("/tmp/mirror/datasets/manifest.json"))["datasets"][0]["stats"]
     p["data"] |= {"source": "fineweb", "fineweb_variant": "sp1024", "fineweb_mirror": "/tmp/mirror",
                   "train_shards": stats["files_train"]}
-else:  # the record preset's CaseOps needs raw text
+elif os.path.isdir(".carry/caseops_mirror"):  # the record's own CaseOps shards and tokenizer (`pgolf mirror --caseops`)
+    stats = json.load(open(".carry/caseops_mirror/datasets/manifest.json"))["datasets"][0]["stats"]
+    p["data"] |= {"source": "fineweb", "fineweb_variant": "sp8192_lossless_caps_caseops_v1_reserved",
+                  "fineweb_mirror": ".carry/caseops_mirror", "caseops": True, "train_shards": stats["files_train"]}
+else:  # the record preset's CaseOps from raw text, a tokenizer trained here
     p["data"] |= {"source": "jsonl", "paths": [".carry/docs.jsonl.zst"], "val_docs": 150, "shard_tokens": 20_000_000,
                   "tokenizer_train_chars": 20_000_000}
 p["train"] |= {"max_seconds": train_s, "checkpoint_every_s": 0, "compile_warmup_steps": 12}
