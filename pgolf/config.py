@@ -221,6 +221,7 @@ class TTTConfig:
     betas: list[float] = param(factory=lambda: [0.0, 0.999], ge=0, le=1)
     weight_decay: float = param(0.0, ge=0)
     batch_docs: int = param(64, ge=1)  # documents adapted at once, longest first
+    seed: int = param(0, ge=0)  # the LoRAs' A draws (at the start and after each global phase)
     # lora_ttt's phased global SGD (0 = off): the base model on the prefix_docs longest documents, in `phases` parts
     global_lr: float = param(0.0, ge=0)
     global_chunk_tokens: int = param(32_768, ge=1)  # one SGD step per this many scored prefix tokens

@@ -74,11 +74,12 @@ TARGETS.add("head", lambda m: [])  # the output head is not a CastedLinear when 
 class BatchedLoRA(nn.Module):
     """A rank-r delta x A^T B^T (alpha / r) for each of `docs` documents; `rows` picks the documents of a batch."""
 
-    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, alpha: float, device: torch.device):
+    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, alpha: float, device: torch.device,
+                 generator: torch.Generator):
         super().__init__()
-        bound = 1 / math.sqrt(fan_in)
-        self.A = nn.Parameter(torch.empty(docs, rank, fan_in, device=device).uniform_(-bound, bound))
+        self.A = nn.Parameter(torch.empty(docs, rank, fan_in, device=device))
         self.B = nn.Parameter(torch.zeros(docs, fan_out, rank, device=device))
+        self.draw_a(generator)
         self.scale = alpha / rank
         self.rows = torch.arange(docs, device=device)
 
@@ -89,6 +90,12 @@ class BatchedLoRA(nn.Module):
     def reset(self) -> None:
         with torch.no_grad():
             self.B.zero_()
+
+    def draw_a(self, generator: torch.Generator) -> None:
+        """A from U(±1/sqrt(fan_in)), drawn on the host from `generator`: the same on every device and run."""
+        bound = 1 / math.sqrt(self.A.size(2))
+        with torch.no_grad():
+            self.A.copy_(torch.empty(self.A.shape).uniform_(-bound, bound, generator=generator))
 
 
 class PerPass:
@@ -126,17 +133,18 @@ class LoraTTT:
         self.L = min(cfg.seq_len, val.tokens.numel() - 1)
         self.scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
         order = model.layer_order()
+        self.draws = torch.Generator().manual_seed(t.seed)  # the LoRAs' A, not the global RNG: a score repeats
         self.sites: list[tuple[nn.Module, PerPass]] = []
         for name in t.lora_targets:
             for block, (module, fan_in, fan_out) in enumerate(TARGETS[name](model)):
-                passes = [BatchedLoRA(t.batch_docs, fan_in, fan_out, t.lora_rank, t.lora_alpha, device)
+                passes = [BatchedLoRA(t.batch_docs, fan_in, fan_out, t.lora_rank, t.lora_alpha, device, self.draws)
                           for _ in range(max(order.count(block), 1))]
                 self.sites.append((module, PerPass(passes)))
         self.loras = [lora for _, site in self.sites for lora in site.loras]
         self.head = None
         if "head" in t.lora_targets:
             vocab, dim = model.head_weight().shape
-            self.head = BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device)
+            self.head = BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device, self.draws)
             self.loras.append(self.head)
         self.params = [p for lora in self.loras for p in lora.parameters()]
         self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
@@ -312,10 +320,8 @@ class LoraTTT:
             p.requires_grad_(False)
         self.model.eval()
         self.attach()
-        with torch.no_grad():
-            for lora in self.loras:
-                bound = 1 / math.sqrt(lora.A.size(2))
-                lora.A.uniform_(-bound, bound)
+        for lora in self.loras:
+            lora.draw_a(self.draws)
 
     def record(self) -> dict:
         return {"ttt": "lora" + ("+global_sgd" if self.global_steps else ""),

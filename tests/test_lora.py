@@ -53,6 +53,21 @@ def test_lora_ttt_learns_each_document_as_it_scores_it_and_covers_every_target_o
     assert all(p.requires_grad for p in model.parameters())  # the base model was frozen only while it ran
 
 
+def test_a_lora_score_repeats_whatever_the_global_rng_and_its_seed_draws_the_loras():
+    """The LoRAs' A come from eval.ttt.seed, not the global RNG (a run's earlier draws moved the bench's LoRA rows by
+    0.009 bpb on a small model): the same seed, the same score after any other draw; another seed, another A, with
+    global SGD's re-draw after each phase included."""
+    model = randomized(GPT(tiny_model(bos_id=BOS)), 6)
+    val = repeating_documents()
+    cfg = lora_cfg(global_lr=0.01, prefix_docs=4, phases=2)
+    scores = []
+    for seed, draws in ((0, 0), (0, 7), (1, 0)):
+        torch.randn(draws)  # what ran before the eval
+        s, _ = evaluate(copy.deepcopy(model), val, replace(cfg, ttt=replace(cfg.ttt, seed=seed)), CPU)
+        scores.append(s.bpb)
+    assert scores[0] == scores[1] != scores[2]
+
+
 def test_an_untrained_lora_changes_nothing_each_document_scored_from_its_bos():
     """lr 0: B stays zero, so the score is the base model's on each document alone (chunks, padding and context
     assembled right)."""
@@ -322,3 +337,21 @@ def test_the_record_preset_evaluates_with_the_row_the_eval_bench_picked(monkeypa
     assert rows["LoRA, 96 x 1024"] == preset
     assert {rows[r].seq_len for r in ("sliding", "document-masked", "phased SGD", "LoRA")} == {2048}
     assert (rows["phased SGD"].ttt.lr, rows["LoRA"].ttt.chunk_tokens) == (0.001, 48)
+
+
+def test_the_eval_bench_runs_the_compiled_lora_rows_in_one_process_and_every_other_row_alone(monkeypatch):
+    """bench/eval_modes.py: the compiled LoRA rows share one process (one compile, as an eval pays it), in the place
+    of the first; the CUDA-graphs and eager rows and the rows without LoRA each run alone."""
+    import sys
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("eval_modes", None)
+    import eval_modes
+
+    rows = eval_modes.variants(load_params(ROOT / "presets" / "record.yaml").eval, 150, eager=True,
+                               cheaper=[(96, 1024)], graphs=True)
+    shared = ["LoRA", "LoRA + phased SGD", "LoRA, 96 x 1024", "LoRA + phased SGD, 96 x 1024"]
+    assert eval_modes.units(rows) == [["sliding"], ["document-masked"], ["phased SGD"], shared,
+                                      ["LoRA, CUDA graphs"], ["LoRA, eager"]]
