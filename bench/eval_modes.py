@@ -28,8 +28,10 @@ own. The projection scales the seconds by FineWeb's 47,851,520 val targets over 
 adds the compile once: a projection from one GPU, not a measurement. The docs corpus has longer documents than
 FineWeb, and a LoRA step's work per target grows with its document's length (up to the window): with --record-log, a
 LoRA row is also projected by the tokens its steps run on FineWeb's documents over this split's (bench/ttt_cost.py;
-FineWeb's lengths from the record's log), and the pick goes by that. Each row runs in a process of its own: a row that
-crashes it (call 44: a segmentation fault in the CUDA-graphs row) is reported as failed and the others still run.
+FineWeb's lengths from the record's log), and the pick goes by that. Each row runs in a process of its own (a row that
+crashes it, as call 44's segmentation fault in the CUDA-graphs row, is reported as failed and the others still run),
+but for the compiled LoRA rows: they share one, as an eval pays one compile (the rows after the first reuse its
+compiled forward).
 Prints a table, writes --out.
 """
 
@@ -140,17 +142,47 @@ def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]])
             **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
 
 
-def row_in_child(argv: list[str], name: str, cache: str) -> dict | str:
-    """run_row in a fresh process (its own CUDA context; compiled code from `cache` only): the row, or why there is
-    none."""
+def units(rows: dict) -> list[list[str]]:
+    """The rows grouped by process: the compiled LoRA rows (default compile mode) share one, so that they share one
+    compile as an eval would (in one process the later rows reuse the first one's compiled forward: 2.5 s against 95
+    s cold on a CPU); each other row has one of its own (a crash, as the CUDA-graphs row's in call 44, takes no other
+    row with it)."""
+    shared = [n for n, c in rows.items() if c.mode == "lora_ttt" and c.ttt.compile and c.ttt.compile_mode == "default"]
+    out: list[list[str]] = []
+    for name in rows:
+        if name not in shared:
+            out.append([name])
+        elif name == shared[0]:
+            out.append(shared)
+    return out
+
+
+def unit_in_child(argv: list[str], names: list[str], cache: str, budget_s: float) -> tuple[list[dict], str | None]:
+    """run_row for each of `names` in one fresh process (its own CUDA context; compiled code from `cache` only), none
+    started after `budget_s`: the rows it finished, and why it stopped early (None: it did not)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-    proc = subprocess.run([sys.executable, __file__, *argv, "--row", name], stdout=subprocess.PIPE, text=True, env=env)
-    rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    if proc.returncode == 0 and rows:
-        return json.loads(rows[-1])
+    proc = subprocess.run([sys.executable, __file__, *argv, "--row-budget-s", str(budget_s), "--row", *names],
+                          stdout=subprocess.PIPE, text=True, env=env)
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode == 0:
+        return rows, None
     if proc.returncode < 0:
-        return f"failed: killed by {signal.Signals(-proc.returncode).name}"
-    return f"failed: exit status {proc.returncode} (its error is above)"
+        return rows, f"failed: killed by {signal.Signals(-proc.returncode).name}"
+    return rows, f"failed: exit status {proc.returncode} (its error is above)"
+
+
+def projected(row: dict, cfg, cold: float | None, fineweb, lengths) -> dict:
+    """`row` with its 8-GPU projection: the seconds scaled to FineWeb's val targets (a LoRA row's also by the tokens
+    its steps run, with `fineweb`'s document lengths) over 8 GPUs, plus the compile a fresh machine pays: the first
+    compiled row's (`cold`), or the row's own if longer (the rows after the first found its kernels, or its graph)."""
+    if row["compile_s"] > 0:
+        row["compile_projected_s"] = max(row["compile_s"], cold or 0.0)
+    compile_s = row.get("compile_projected_s", 0.0)
+    row["projected_8gpu_s"] = round(compile_s + row["seconds"] * FINEWEB_VAL_TARGETS / row["targets"] / 8, 1)
+    if fineweb is not None and cfg.mode == "lora_ttt":  # the LoRA steps' work, not the targets, scaled
+        work = [ttt_cost.lora_work(n, cfg.ttt.chunk_tokens, cfg.seq_len, cfg.ttt.batch_docs) for n in (fineweb, lengths)]
+        row["projected_8gpu_s_work"] = round(compile_s + row["seconds"] * work[0] / work[1] / 8, 1)
+    return row
 
 
 def main() -> None:
@@ -167,7 +199,8 @@ def main() -> None:
                     "for the LoRA rows' work-based projection (bench/ttt_cost.py)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("eval_modes.json"))
-    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: this row alone, in this process
+    ap.add_argument("--row", nargs="+", help=argparse.SUPPRESS)  # internal: these rows, in this process
+    ap.add_argument("--row-budget-s", type=float, default=1e9, help=argparse.SUPPRESS)  # internal: start none after
     argv = sys.argv[1:]
     args = ap.parse_args()
     try:
@@ -177,7 +210,10 @@ def main() -> None:
         ap.error(f"--cheaper {' '.join(args.cheaper)}: expected CHUNKxCONTEXT pairs of positive integers, e.g. 96x2048")
     if args.row:
         faulthandler.enable()  # a crash prints the Python stack it happened in
-        print("ROW " + json.dumps(run_row(args, args.row, cheaper)), flush=True)
+        t_child = time.perf_counter()
+        for name in args.row:
+            if time.perf_counter() - t_child <= args.row_budget_s:
+                print("ROW " + json.dumps(run_row(args, name, cheaper)), flush=True)
         return
     t_start = time.perf_counter()
     params = load_params(args.preset)
@@ -187,30 +223,23 @@ def main() -> None:
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
     rows, failed, cold = [], {}, None
     cache = tempfile.mkdtemp(prefix="eval_modes_compile_")
+    configs = {name: cfg for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items()
+               if not args.only or name in args.only}
     try:
-        for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items():
-            if args.only and name not in args.only:
-                continue
-            if time.perf_counter() - t_start > args.budget_s:
-                print(f"{name}: not started (budget)", flush=True)
-                continue
-            row = row_in_child(argv, name, cache)
-            if isinstance(row, str):
-                print(f"{name}: {row}", flush=True)
-                failed[name] = row
-                continue
-            if row["compile_s"] > 0:  # the first compiled row's compile was cold; the later ones found its kernels
-                cold = cold or row["compile_s"]
-                row["compile_projected_s"] = max(row["compile_s"], cold)
-            compile_s = row.get("compile_projected_s", 0.0)
-            row["projected_8gpu_s"] = round(compile_s + row["seconds"] * FINEWEB_VAL_TARGETS / row["targets"] / 8, 1)
-            if fineweb is not None and cfg.mode == "lora_ttt":  # the LoRA steps' work, not the targets, scaled
-                work = [ttt_cost.lora_work(n, cfg.ttt.chunk_tokens, cfg.seq_len, cfg.ttt.batch_docs) for n in (fineweb, lengths)]
-                row["projected_8gpu_s_work"] = round(compile_s + row["seconds"] * work[0] / work[1] / 8, 1)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for unit in units(configs):
+            left = args.budget_s - (time.perf_counter() - t_start)
+            done, why = unit_in_child(argv, unit, cache, left) if left >= 0 else ([], None)
+            for row in done:
+                rows.append(projected(row, configs[row["mode"]], cold, fineweb, lengths))
+                cold = cold or (row["compile_s"] or None)
+                print(json.dumps(row), flush=True)
+            for k, name in enumerate(unit[len(done):]):
+                said = "not started (budget)" if not why else why if k == 0 else "not run: its process failed before it"
+                print(f"{name}: {said}", flush=True)
+                if why:
+                    failed[name] = said
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)  # the first compiled row's compile was cold; the later ones found its kernels
     gpu = runtime.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: the first compiled row's "
           f"(cold) compile s, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA "
