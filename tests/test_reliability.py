@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run
+from conftest import ROOT, read_metrics, run
 
 from pgolf import config, pack
 from pgolf.checkpoint import load_tensors
@@ -397,6 +397,23 @@ def test_bad_inputs_through_the_real_stages_are_one_line(ran, tmp_path, stage, d
              and "it/s]" not in line and "win/s]" not in line]
     assert len(lines) == 1 and re.fullmatch(message + ".*", lines[0]), p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_the_record_presets_lora_eval_runs_through_the_real_eval_and_audit_stages(ran, tmp_path):
+    """presets/record.yaml's eval block (per-document LoRA TTT), at the demo model's size and uncompiled here: the eval
+    stage scores every target first, trains on none before, and the strict audit passes on its ledger."""
+    d = damaged_copy(ran, tmp_path, lambda d: None)
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["eval"] = yaml.safe_load((ROOT / "presets" / "record.yaml").read_text())["eval"]
+    params["eval"]["seq_len"] = 256
+    params["eval"]["ttt"] |= {"compile": False, "batch_docs": 4, "lora_rank": 4, "chunk_tokens": 64}
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    run([sys.executable, "-m", "stages.eval"], d)
+    run([sys.executable, "-m", "stages.audit"], d)
+    evidence = read_json(d / "artifacts/eval/evidence.json")
+    assert evidence["mode"] == "lora_ttt" and evidence["ttt"] == "lora" and evidence["ttt_units"] > 0
+    assert evidence["val_tokens_trained_before_scored"] == 0 and evidence["targets"] == evidence["targets_expected"]
+    assert read_metrics(d, "audit")["passed"] is True
 
 
 def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
