@@ -89,6 +89,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env_extra: str) -> subp
     return p
 
 
+def bench_module(monkeypatch: pytest.MonkeyPatch, name: str):
+    """A bench/ script imported as a module, fresh (with bench/ on the path for its own imports of its neighbours)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
 def read_metrics(repo: Path, stage: str) -> dict:
     return json.loads((repo / "artifacts" / stage / "metrics.json").read_text())
 

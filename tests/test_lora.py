@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ROOT, bench_module, tiny_model
 from test_eval import evidence
 from test_model import randomized
 
@@ -241,13 +241,7 @@ def test_a_bad_lora_setting_is_one_line(tmp_path, yaml_text, message):
 def test_the_benchs_lora_work_counts_the_tokens_the_lora_steps_run(monkeypatch):
     """bench/ttt_cost.py projects a LoRA row to FineWeb by the tokens its steps run (rows x padded window, summed over
     steps): the count it makes from document lengths is what lora_ttt's steps actually run."""
-    import sys
-
-    from conftest import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    sys.modules.pop("ttt_cost", None)
-    import ttt_cost
+    ttt_cost = bench_module(monkeypatch, "ttt_cost")
 
     g = torch.Generator().manual_seed(3)
     lengths = [int(n) for n in torch.randint(2, 140, (11,), generator=g)]
@@ -262,14 +256,9 @@ def test_the_benchs_lora_work_counts_the_tokens_the_lora_steps_run(monkeypatch):
 
 
 def test_fineweb_lengths_from_the_records_log_keep_its_batches_and_add_up_to_the_split(monkeypatch):
-    import sys
-
     import numpy as np
-    from conftest import ROOT
 
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    sys.modules.pop("ttt_cost", None)
-    import ttt_cost
+    ttt_cost = bench_module(monkeypatch, "ttt_cost")
 
     logged = [(782, 30339, 97114), (9, 105, 107), (94, 193, 194), (200, 296, 297), (305, 429, 430), (400, 582, 584),
               (505, 809, 812), (603, 1146, 1150), (682, 1638, 1646), (716, 2054, 2069), (741, 2686, 2730),
@@ -324,13 +313,7 @@ def test_the_record_preset_evaluates_with_the_row_the_eval_bench_picked(monkeypa
     """presets/record.yaml takes `LoRA, 96 x 1024` of bench/eval_modes.py (the best row projected under 540 s,
     bench/NOTES.md call 49) as that row runs it, with FineWeb's prefix of 2,500 documents; the bench's other rows stay
     the record's (windows of 2048, phased SGD at lr 0.001) whatever mode the preset takes."""
-    import sys
-
-    from conftest import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    sys.modules.pop("eval_modes", None)
-    import eval_modes
+    eval_modes = bench_module(monkeypatch, "eval_modes")
 
     preset = load_params(ROOT / "presets" / "record.yaml").eval
     rows = eval_modes.variants(preset, 50_000, eager=False, cheaper=[(96, 1024)])
@@ -342,13 +325,7 @@ def test_the_record_preset_evaluates_with_the_row_the_eval_bench_picked(monkeypa
 def test_the_eval_bench_runs_the_compiled_lora_rows_in_one_process_and_every_other_row_alone(monkeypatch):
     """bench/eval_modes.py: the compiled LoRA rows share one process (one compile, as an eval pays it), in the place
     of the first; the CUDA-graphs and eager rows and the rows without LoRA each run alone."""
-    import sys
-
-    from conftest import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    sys.modules.pop("eval_modes", None)
-    import eval_modes
+    eval_modes = bench_module(monkeypatch, "eval_modes")
 
     rows = eval_modes.variants(load_params(ROOT / "presets" / "record.yaml").eval, 150, eager=True,
                                cheaper=[(96, 1024)], graphs=True)

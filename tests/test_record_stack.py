@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_model
+from conftest import ROOT, bench_module, tiny_model
 
 from pgolf import attention, calibrate, optim
 from pgolf.config import CalibrateConfig
@@ -267,8 +267,7 @@ def test_the_parity_bench_scores_the_records_eval_contexts_each_as_if_alone(monk
 
     from pgolf.data import ValSplit
 
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import record_parity
+    record_parity = bench_module(monkeypatch, "record_parity")
 
     model = randomized(tiny_model(**RECORD_LIKE))
     docs = packed_documents([30, 5, 70, 200, 12, 300, 9, 40], seed=5)
@@ -300,8 +299,7 @@ def test_the_parity_bench_runs_pgolfs_side_with_preset_changes_checked_as_params
     params refuse, stops the bench with one line before anything runs."""
     from pgolf.config import load_params
 
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import record_parity
+    record_parity = bench_module(monkeypatch, "record_parity")
 
     preset = ROOT / "presets" / "record.yaml"
     out = record_parity.preset_with(preset, ["train.pack=span", "train.grad_clip=0.25"], tmp_path)
