@@ -231,7 +231,8 @@ def main() -> None:
             done, why = unit_in_child(argv, unit, cache, left) if left >= 0 else ([], None)
             for row in done:
                 rows.append(projected(row, configs[row["mode"]], cold, fineweb, lengths))
-                cold = cold or (row["compile_s"] or None)
+                if cold is None and row["compile_s"] > 0:  # the first compiled row's compile: cold
+                    cold = row["compile_s"]
                 print(json.dumps(row), flush=True)
             for k, name in enumerate(unit[len(done):]):
                 said = "not started (budget)" if not why else why if k == 0 else "not run: its process failed before it"
@@ -239,7 +240,7 @@ def main() -> None:
                 if why:
                     failed[name] = said
     finally:
-        shutil.rmtree(cache, ignore_errors=True)  # the first compiled row's compile was cold; the later ones found its kernels
+        shutil.rmtree(cache, ignore_errors=True)
     gpu = runtime.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: the first compiled row's "
           f"(cold) compile s, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA "
