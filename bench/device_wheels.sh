@@ -12,7 +12,13 @@ for pkg in dvc zpaq pyppmd brotli zstandard ruamel.yaml.clib; do
   v=$(version "$pkg"); [ -n "$v" ] || { echo "bench/device_wheels.sh: $pkg is not installed here (pip install -e . first)" >&2; exit 1; }
   pins+=("$pkg==$v")
 done
-rm -rf .whl && mkdir .whl
+MARK=.whl/.built-by-device_wheels  # only a folder this script made is replaced: never a user's wheels or a link
+if [ -e .whl ] || [ -L .whl ]; then
+  [ -d .whl ] && [ ! -L .whl ] && [ -f "$MARK" ] || {
+    echo "bench/device_wheels.sh: .whl exists and was not made by this script; move it away first" >&2; exit 1; }
+  rm -rf .whl
+fi
+mkdir .whl && touch "$MARK"
 # two of DVC's dependencies publish no wheel: built here, pure Python
 python3 -m pip wheel -q --no-deps -w .whl nanotime "antlr4-python3-runtime==$(version antlr4-python3-runtime)"
 platforms=()
