@@ -1,7 +1,7 @@
 """Eval modes on one checkpoint: bpb, seconds, and a projection of the seconds on 8 GPUs over FineWeb's val split.
 
     python bench/eval_modes.py --checkpoint CKPT --mirror DIR [--preset presets/record.yaml] [--only NAME ...] [--eager]
-        [--cuda-graphs] [--cheaper 96x2048 ...] [--record-log PATH/train_seed42.log]
+        [--cuda-graphs] [--regional] [--cheaper 96x2048 ...] [--record-log PATH/train_seed42.log]
 
 CKPT is written by `bench/record_parity.py --save` (the record preset's trained weights, EMA, unquantized). Each row
 runs one of pgolf's eval modes (evaluate.MODES) on a fresh copy of the model, in the record's windows of 2048
@@ -17,21 +17,23 @@ tokens, the preset's eval settings otherwise:
   few, each step replayed);
 - `LoRA, C x L` and `LoRA + phased SGD, C x L` (with --cheaper CxL): the same with chunks of C targets in windows of
   up to L tokens (larger chunks: fewer steps a document, each LoRA step later; shorter windows: less context);
+- `<a compiled LoRA row>, regional` (with --regional): that row with eval.ttt.compile_mode: regional (each block
+  compiled on its own, the blocks and passes sharing their graphs: a block's compile, not the whole network's);
 - `LoRA, eager` (with --eager): the first LoRA row uncompiled (the compile's gain).
 
 The prefix is the same fraction of this split's documents as the record's 2,500 of FineWeb's 50,000 (5 %). Seconds are
 the mode's wall time (model build excluded, first-use compiles included, except a compiled LoRA row's: its compile is
-paid on its first documents beforehand and reported as compile s). The rows of one run compile into a cache of their
-own, empty at the start (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the first compiled row's compile is cold, as on a
-fresh eval machine, and the rows after it find its kernels, so their projections take that cold compile, not their
-own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and
+paid on its first documents beforehand and reported as compile s). The rows of each process compile into a cache of
+their own, empty at the start (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the first compiled row of a compile mode
+compiles cold, as on a fresh eval machine, and the rows after it find its kernels, so their projections take that
+cold compile, not their own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and
 adds the compile once: a projection from one GPU, not a measurement. The docs corpus has longer documents than
 FineWeb, and a LoRA step's work per target grows with its document's length (up to the window): with --record-log, a
 LoRA row is also projected by the tokens its steps run on FineWeb's documents over this split's (bench/ttt_cost.py;
 FineWeb's lengths from the record's log), and the pick goes by that. Each row runs in a process of its own (a row that
 crashes it, as call 44's segmentation fault in the CUDA-graphs row, is reported as failed and the others still run),
-but for the compiled LoRA rows: they share one, as an eval pays one compile (the rows after the first reuse its
-compiled forward).
+but for the compiled LoRA rows: those of one compile mode share one, as an eval pays one compile (the rows after the
+first reuse its compiled forward).
 Prints a table, writes --out.
 """
 
@@ -74,11 +76,13 @@ RECORD_LORA = {"lr": 1e-4, "betas": [0.0, 0.99], "weight_decay": 0.5, "lora_rank
                "chunk_tokens": 48, "batch_docs": 64, "grad_steps": 1}
 
 
-def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], graphs: bool = False) -> dict:
+def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], graphs: bool = False,
+             regional: bool = False) -> dict:
     """name -> EvalConfig (with `eager`, LoRA uncompiled beside the compiled row; with `graphs`, LoRA with its steps
     replayed as CUDA graphs (eval.ttt.compile_mode: cuda_graphs); each (chunk, context) of `cheaper`
     adds both LoRA rows with chunks of that many targets and windows of that many tokens: fewer or shorter steps than
-    the record's 48 and 2048, for a projection that fits)."""
+    the record's 48 and 2048, for a projection that fits; with `regional`, each compiled LoRA row also compiled block
+    by block (eval.ttt.compile_mode: regional))."""
     prefix = max(1, round(PREFIX_FRACTION * n_docs))
     cfg = replace(cfg, seq_len=RECORD_SEQ_LEN)  # the rows are the record's, whichever mode the preset now takes
     lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3, compile=True)
@@ -98,6 +102,9 @@ def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], grap
                                                                                           chunk_tokens=c))
         rows[f"LoRA + phased SGD, {c} x {L}"] = replace(cfg, mode="lora_ttt", seq_len=L, ttt=replace(
             lora, global_lr=0.001, momentum=0.9, chunk_tokens=c))
+    if regional:
+        rows |= {f"{name}, regional": replace(c, ttt=replace(c.ttt, compile_mode="regional")) for name, c in rows.items()
+                 if c.mode == "lora_ttt" and c.ttt.compile_mode == "default"}
     if eager:
         rows["LoRA, eager"] = replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, compile=False))
     return rows
@@ -127,7 +134,7 @@ def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]])
     base.passes = ckpt["passes"]
     val = load_val(dataset(args.mirror)[0], params.model.vocab_size)
     docs = documents(val.tokens, params.model.bos_id)
-    cfg = variants(params.eval, len(docs), args.eager, cheaper, args.cuda_graphs)[name]
+    cfg = variants(params.eval, len(docs), args.eager, cheaper, args.cuda_graphs, args.regional)[name]
     compile_s = warm_compile(base, val, cfg, docs, rt.device)
     model = copy.deepcopy(base).to(rt.device)
     if rt.device.type == "cuda":
@@ -142,19 +149,22 @@ def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]])
             **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
 
 
+SHARED_COMPILES = ("default", "regional")  # compile modes whose rows share a process (cuda_graphs: each alone)
+
+
 def units(rows: dict) -> list[list[str]]:
-    """The rows grouped by process: the compiled LoRA rows (default compile mode) share one, so that they share one
-    compile as an eval would (in one process the later rows reuse the first one's compiled forward: 2.5 s against 95
-    s cold on a CPU); each other row has one of its own (a crash, as the CUDA-graphs row's in call 44, takes no other
-    row with it)."""
-    shared = [n for n, c in rows.items() if c.mode == "lora_ttt" and c.ttt.compile and c.ttt.compile_mode == "default"]
-    out: list[list[str]] = []
-    for name in rows:
-        if name not in shared:
-            out.append([name])
-        elif name == shared[0]:
-            out.append(shared)
-    return out
+    """The rows grouped by process: the compiled LoRA rows of one compile mode (default, regional) share one, so that
+    they share one compile as an eval would (in one process the later rows reuse the first one's compiled forward: 2.5
+    s against 95 s cold on a CPU); each other row has one of its own (a crash, as the CUDA-graphs row's in call 44,
+    takes no other row with it)."""
+    def group(c) -> str | None:
+        shared = c.mode == "lora_ttt" and c.ttt.compile and c.ttt.compile_mode in SHARED_COMPILES
+        return c.ttt.compile_mode if shared else None
+
+    out: dict[str, list[str]] = {}
+    for name, c in rows.items():
+        out.setdefault(group(c) or name, []).append(name)
+    return list(out.values())
 
 
 def unit_in_child(argv: list[str], names: list[str], cache: str, budget_s: float) -> tuple[list[dict], str | None]:
@@ -193,6 +203,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="these rows only")
     ap.add_argument("--eager", action="store_true", help="also LoRA TTT uncompiled")
     ap.add_argument("--cuda-graphs", action="store_true", help="also LoRA TTT replayed as CUDA graphs")
+    ap.add_argument("--regional", action="store_true", help="also each compiled LoRA row compiled block by block")
     ap.add_argument("--cheaper", nargs="*", default=[], metavar="CHUNKxCONTEXT",
                     help="also the LoRA rows with these chunk sizes and windows, e.g. 96x2048 48x1024")
     ap.add_argument("--record-log", type=Path, help="the 1.0611 record's train_seed42.log: FineWeb's document lengths "
@@ -221,29 +232,30 @@ def main() -> None:
     docs = documents(val.tokens, params.model.bos_id)
     n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
-    rows, failed, cold = [], {}, None
-    cache = tempfile.mkdtemp(prefix="eval_modes_compile_")
-    configs = {name: cfg for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs).items()
-               if not args.only or name in args.only}
-    try:
-        for unit in units(configs):
-            left = args.budget_s - (time.perf_counter() - t_start)
+    rows, failed, cold = [], {}, {}  # cold: compile mode -> its first compiled row's compile s
+    configs = {name: cfg for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs,
+                                                   args.regional).items() if not args.only or name in args.only}
+    for unit in units(configs):
+        left = args.budget_s - (time.perf_counter() - t_start)
+        cache = tempfile.mkdtemp(prefix="eval_modes_compile_")  # each process compiles cold, as a fresh machine
+        try:
             done, why = unit_in_child(argv, unit, cache, left) if left >= 0 else ([], None)
-            for row in done:
-                rows.append(projected(row, configs[row["mode"]], cold, fineweb, lengths))
-                if cold is None and row["compile_s"] > 0:  # the first compiled row's compile: cold
-                    cold = row["compile_s"]
-                print(json.dumps(row), flush=True)
-            for k, name in enumerate(unit[len(done):]):
-                said = "not started (budget)" if not why else why if k == 0 else "not run: its process failed before it"
-                print(f"{name}: {said}", flush=True)
-                if why:
-                    failed[name] = said
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        for row in done:
+            mode = configs[row["mode"]].ttt.compile_mode
+            rows.append(projected(row, configs[row["mode"]], cold.get(mode), fineweb, lengths))
+            if mode not in cold and row["compile_s"] > 0:
+                cold[mode] = row["compile_s"]
+            print(json.dumps(row), flush=True)
+        for k, name in enumerate(unit[len(done):]):
+            said = "not started (budget)" if not why else why if k == 0 else "not run: its process failed before it"
+            print(f"{name}: {said}", flush=True)
+            if why:
+                failed[name] = said
     gpu = runtime.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: the first compiled row's "
-          f"(cold) compile s, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA "
+          f"(cold) compile s of its compile mode, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA "
           "rows with --record-log, x FineWeb's LoRA work / this split's instead (bench/ttt_cost.py)")
     print("| mode | val bpb | vs sliding | seconds | compile s | projected 8-GPU s | by LoRA work |\n"
           "|---|---|---|---|---|---|---|")

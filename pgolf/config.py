@@ -226,7 +226,8 @@ class TTTConfig:
     global_lr: float = param(0.0, ge=0)
     global_chunk_tokens: int = param(32_768, ge=1)  # one SGD step per this many scored prefix tokens
     compile: bool = False  # lora_ttt: the model's forward compiled once, dynamic in documents and window length
-    compile_mode: str = param("default", choices="pgolf.lora:COMPILE_MODES")  # cuda_graphs: steps replayed
+    # cuda_graphs: steps replayed; regional: each block compiled on its own (a block's compile, not the network's)
+    compile_mode: str = param("default", choices="pgolf.lora:COMPILE_MODES")
 
 
 @dataclass

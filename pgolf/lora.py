@@ -50,13 +50,16 @@ def _linear(lin: CastedLinear) -> Site:
     return lin, lin.in_features, lin.out_features
 
 
-# eval.ttt.compile_mode: torch.compile's options for the forward, and the shape padding: windows to a multiple of this
-# many tokens (capped at eval.seq_len), batches to a multiple of 8 documents (0: shapes as they come)
-COMPILE_MODES: Registry[tuple[dict, int]] = Registry("eval.ttt.compile_mode")
-COMPILE_MODES.add("default", ({}, 0))  # dynamic shapes: one graph for every batch size and window length
+# eval.ttt.compile_mode: torch.compile's options for the forward, the shape padding (windows to a multiple of this
+# many tokens, capped at eval.seq_len, batches to a multiple of 8 documents; 0: shapes as they come), and whether each
+# block is compiled on its own (regional: the blocks share their graphs, the passes of a looped layer too, so the
+# compile's work is a block's, not the whole unrolled network's) rather than the whole forward
+COMPILE_MODES: Registry[tuple[dict, int, bool]] = Registry("eval.ttt.compile_mode")
+COMPILE_MODES.add("default", ({}, 0, False))  # dynamic shapes: one graph for every batch size and window length
+COMPILE_MODES.add("regional", ({}, 0, True))
 # CUDA graphs (inductor's reduce-overhead): a step replayed, not launched kernel by kernel (its steps are small: the
 # launches dominate); one is recorded per shape, so the shapes are padded to a few (the scores are the same)
-COMPILE_MODES.add("cuda_graphs", ({"mode": "reduce-overhead"}, 256))
+COMPILE_MODES.add("cuda_graphs", ({"mode": "reduce-overhead"}, 256, False))
 PAD_DOCS = 8
 # a compiled graph specializes a dim of size 1: a document left alone at the end of its batch (or windows of one
 # token) would compile a second graph, minutes for the record's model, so compiled steps run at least 2 rows of 2
@@ -72,19 +75,24 @@ TARGETS.add("head", lambda m: [])  # the output head is not a CastedLinear when 
 
 
 class BatchedLoRA(nn.Module):
-    """A rank-r delta x A^T B^T (alpha / r) for each of `docs` documents; `rows` picks the documents of a batch."""
+    """A rank-r delta x A^T B^T (alpha / r) for each of `docs` documents and each of `passes` runs of its module in a
+    forward (a looped layer runs several times, each pass with a LoRA of its own: the record's slots). `rows` picks the
+    documents of a batch, `index` (a 0-d tensor the model's pass hook sets) the pass: both tensors, so a compiled
+    block neither guards on nor specializes to either."""
 
-    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, alpha: float, device: torch.device,
-                 generator: torch.Generator):
+    def __init__(self, passes: int, docs: int, fan_in: int, fan_out: int, rank: int, alpha: float,
+                 device: torch.device, generator: torch.Generator, index: torch.Tensor):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(docs, rank, fan_in, device=device))
-        self.B = nn.Parameter(torch.zeros(docs, fan_out, rank, device=device))
+        self.A = nn.Parameter(torch.empty(passes, docs, rank, fan_in, device=device))
+        self.B = nn.Parameter(torch.zeros(passes, docs, fan_out, rank, device=device))
         self.draw_a(generator)
         self.scale = alpha / rank
         self.rows = torch.arange(docs, device=device)
+        self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.A[self.rows], self.B[self.rows]
+        pick = self.index * self.A.size(1) + self.rows  # one gather over (pass, document): no scalar read back
+        A, B = self.A.flatten(0, 1)[pick], self.B.flatten(0, 1)[pick]
         return (x @ A.transpose(1, 2).to(x.dtype)) @ B.transpose(1, 2).to(x.dtype) * self.scale
 
     def reset(self) -> None:
@@ -93,25 +101,20 @@ class BatchedLoRA(nn.Module):
 
     def draw_a(self, generator: torch.Generator) -> None:
         """A from U(±1/sqrt(fan_in)), drawn on the host from `generator`: the same on every device and run."""
-        bound = 1 / math.sqrt(self.A.size(2))
+        bound = 1 / math.sqrt(self.A.size(3))
         with torch.no_grad():
             self.A.copy_(torch.empty(self.A.shape).uniform_(-bound, bound, generator=generator))
 
 
-class PerPass:
-    """A site's LoRAs, one for each time its module runs in a forward (a looped layer runs several times); the i-th
-    call of a forward takes the i-th. `start()` before each forward."""
+class Site:
+    """A module's LoRA as its `lora` hook (a plain callable: a LoRA module assigned to a module would join its
+    state dict)."""
 
-    def __init__(self, loras: list[BatchedLoRA]):
-        self.loras, self.calls = loras, 0
-
-    def start(self) -> None:
-        self.calls = 0
+    def __init__(self, lora: BatchedLoRA):
+        self.lora = lora
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lora = self.loras[self.calls % len(self.loras)]
-        self.calls += 1
-        return lora(x)
+        return self.lora(x)
 
 
 def documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
@@ -134,31 +137,47 @@ class LoraTTT:
         self.scorer = Scorer(val, cfg.seq_len, cfg.batch_seqs, cfg.temperature, device)
         order = model.layer_order()
         self.draws = torch.Generator().manual_seed(t.seed)  # the LoRAs' A, not the global RNG: a score repeats
-        self.sites: list[tuple[nn.Module, PerPass]] = []
+        self.pass_index = torch.zeros((), dtype=torch.long, device=device)  # set by the model's pass hook
+        self.sites: list[tuple[nn.Module, Site]] = []
         for name in t.lora_targets:
             for block, (module, fan_in, fan_out) in enumerate(TARGETS[name](model)):
-                passes = [BatchedLoRA(t.batch_docs, fan_in, fan_out, t.lora_rank, t.lora_alpha, device, self.draws)
-                          for _ in range(max(order.count(block), 1))]
-                self.sites.append((module, PerPass(passes)))
-        self.loras = [lora for _, site in self.sites for lora in site.loras]
+                lora = BatchedLoRA(max(order.count(block), 1), t.batch_docs, fan_in, fan_out, t.lora_rank,
+                                   t.lora_alpha, device, self.draws, self.pass_index)
+                self.sites.append((module, Site(lora)))
+        self.loras = [site.lora for _, site in self.sites]
         self.head = None
         if "head" in t.lora_targets:
             vocab, dim = model.head_weight().shape
-            self.head = BatchedLoRA(t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device, self.draws)
+            self.head = BatchedLoRA(1, t.batch_docs, dim, vocab, t.lora_rank, t.lora_alpha, device, self.draws,
+                                    torch.zeros((), dtype=torch.long, device=device))
             self.loras.append(self.head)
         self.params = [p for lora in self.loras for p in lora.parameters()]
         self.trained_early, self.adapted, self.steps, self.global_steps = 0, 0, 0, 0
         self.fused = self.FUSE and cfg.temperature == 1.0
         # one graph for every batch size and window length (dynamic), one per temperature and train/eval mode
-        options, self.pad_window = COMPILE_MODES[t.compile_mode]
-        self.nll = (torch.compile(model.token_nll, dynamic=True, backend=self.COMPILE_BACKEND, **options) if t.compile
-                    else model.token_nll)
+        options, self.pad_window, regional = COMPILE_MODES[t.compile_mode]
+        compiled = lambda f: torch.compile(f, dynamic=True, backend=self.COMPILE_BACKEND, **options)  # noqa: E731
+        self.nll = compiled(model.token_nll) if t.compile and not regional else model.token_nll
+        # regional: each block, and the head with its loss; the model's loop, embeddings and pass hook stay eager
+        self.compiled_parts = [(b, {"forward": compiled(b.forward), "forward_lanes": compiled(b.forward_lanes)})
+                               for b in model.blocks] + [(model, {"nll_from_hidden": compiled(model.nll_from_hidden)})]
+        self.compiled_parts = self.compiled_parts if t.compile and regional else []
 
     def attach(self, on: bool = True) -> None:
         """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
         for module, site in self.sites:
             module.lora = site if on else None
         self.model.head_lora = self.head.forward if on and self.head is not None else None
+        self.model.pass_hook = self._set_pass if on else None
+        for module, methods in self.compiled_parts:  # the base model alone (global SGD) runs eager, as in default
+            for name, f in methods.items():
+                if on:
+                    setattr(module, name, f)
+                else:
+                    vars(module).pop(name, None)
+
+    def _set_pass(self, k: int) -> None:
+        self.pass_index.fill_(k)
 
     def run(self, docs: list[tuple[int, int]]) -> None:
         """Every document scored, chunk by chunk, `batch_docs` at a time on each rank, longest first (rank r takes
@@ -237,10 +256,10 @@ class LoraTTT:
 
     def _forward(self, active, x, y, temperature: float) -> torch.Tensor:
         rows = torch.tensor([slot for slot, *_ in active], device=self.device)
+        if self.compiled_parts:  # a block's graph takes rows as an input: its length varies, as the batch's does
+            torch._dynamo.maybe_mark_dynamic(rows, 0)
         for lora in self.loras:
             lora.rows = rows
-        for _, site in self.sites:
-            site.start()
         with autocast(self.device):
             return self.nll(x, y, temperature).float()
 

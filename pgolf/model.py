@@ -304,6 +304,9 @@ class GPT(nn.Module):
             self.skip_gates = nn.Parameter(torch.zeros(n_skips, cfg.dim)) if cfg.skip_gates else None
         self.lm_head = None if cfg.tied_embed else CastedLinear(cfg.dim, cfg.vocab_size, zero_init=True)
         self.head_lora: Callable[[torch.Tensor], torch.Tensor] | None = None  # eval's LoRA TTT on the head
+        # eval's LoRA TTT: told, before each block runs, which pass over that block this is (0 for the first), so that
+        # the choice of a looped layer's LoRA stays out of the block (a block compiled alone then serves every pass)
+        self.pass_hook: Callable[[int], None] | None = None
         if cfg.ortho_init:  # records' OrthoInit: hidden matrices orthogonal, zero-initialized projections left at 0
             for m in self.modules():
                 if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
@@ -367,6 +370,8 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
                 else:
                     x = x + skip
+            if self.pass_hook is not None:
+                self.pass_hook(order[:j].count(i))
             if lane1 is not None:
                 x, lane1 = block.forward_lanes(x, lane1, x0, cos, sin, ve, mask)
             else:
@@ -384,7 +389,9 @@ class GPT(nn.Module):
         return raw + self.head_lora(h).to(raw.dtype) if self.head_lora is not None else raw
 
     def logits(self, idx: torch.Tensor, temperature: float = 1.0, doc_mask: bool | DocMask = False) -> torch.Tensor:
-        h = self.hidden(idx, doc_mask)
+        return self.logits_from_hidden(self.hidden(idx, doc_mask), temperature)
+
+    def logits_from_hidden(self, h: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         logits = self.head(h).float()
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
@@ -404,7 +411,10 @@ class GPT(nn.Module):
     def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                   doc_mask: bool | DocMask = False) -> torch.Tensor:
         """Per-token NLL (B, T) in nats."""
-        logits = self.logits(idx, temperature, doc_mask)
+        return self.nll_from_hidden(self.hidden(idx, doc_mask), targets, temperature)
+
+    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        logits = self.logits_from_hidden(h, temperature)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
     def quantizable_linears(self) -> dict[str, nn.Module]:

@@ -105,8 +105,9 @@ def test_the_fused_chunk_step_scores_and_trains_as_the_two_pass_step(monkeypatch
 
 
 def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_from_their_inputs():
-    """As the record's slots: layers 1-2 run three times, so each of their sites holds three LoRAs, and one chunk
-    step trains all three; o and mlp are adapters from the attention's and the MLP's inputs to their outputs."""
+    """As the record's slots: layers 1-2 run three times, so each of their sites holds three LoRAs (stacked: the
+    model's pass hook picks one), and one chunk step trains all three; o and mlp are adapters from the attention's
+    and the MLP's inputs to their outputs."""
     model = randomized(GPT(tiny_model(bos_id=BOS, recur_start=1, recur_end=2, recur_loops=2)), 6)
     model.passes = 2
     order = model.layer_order()
@@ -115,17 +116,17 @@ def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_fr
         p.requires_grad_(False)
     val = repeating_documents()
     ttt = lora.LoraTTT(model, val, lora_cfg(), CPU)
-    counts = [len(site.loras) for _, site in ttt.sites]
+    counts = [site.lora.A.size(0) for _, site in ttt.sites]
     assert counts == [1, 3, 3, 1] * 5  # q, k, v, o, mlp: a site per block, a LoRA per pass
     o_site = ttt.sites[3 * 4 + 1][1]  # o of block 1
-    assert o_site.loras[0].A.size(2) == o_site.loras[0].B.size(1) == model.cfg.dim  # from the input, to the output
+    assert o_site.lora.A.size(3) == o_site.lora.B.size(2) == model.cfg.dim  # from the input, to the output
     ttt.attach()
     doc = lora.documents(val.tokens, BOS)[0]
     opt = torch.optim.AdamW(ttt.params, lr=0.01, betas=(0.0, 0.999))
     ttt.step([(0, doc[0] + 1, doc[0] + 16, *doc)], opt)
     ttt.attach(False)
     for _, site in ttt.sites:
-        assert all(lr.B[0].abs().sum() > 0 for lr in site.loras)  # every pass's LoRA took its own step
+        assert all(B.abs().sum() > 0 for B in site.lora.B[:, 0])  # every pass's LoRA took its own step
 
 
 def test_compiled_lora_ttt_scores_as_eager_with_one_graph_for_every_shape(monkeypatch):
@@ -150,6 +151,32 @@ def test_compiled_lora_ttt_scores_as_eager_with_one_graph_for_every_shape(monkey
     (eager, re_), (comp, rc) = runs[False], runs[True]
     assert comp.nll_sum == pytest.approx(eager.nll_sum, rel=1e-6) and rc == re_
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # each cold inductor compile: minutes
+
+
+def test_regional_compile_scores_as_eager_with_a_few_block_graphs_whatever_the_depth(monkeypatch):
+    """eval.ttt.compile_mode: regional compiles each block (and the head with its loss) on its own: the blocks and the
+    passes of a looped layer share their graphs, so a deeper network compiles no more graphs (the whole forward's
+    compile grows with every block it unrolls); the scores are the eager run's, and the model is left uncompiled."""
+    from torch._dynamo.utils import counters
+
+    val = repeating_documents(n_docs=5)
+    graphs = {}
+    for layers in (3, 9):
+        model = randomized(GPT(tiny_model(bos_id=BOS, layers=layers, recur_start=1, recur_end=1, recur_loops=2)), 6)
+        runs = {}
+        for mode in ("eager", "regional"):
+            monkeypatch.setattr(lora.LoraTTT, "COMPILE_BACKEND", "aot_eager")
+            torch._dynamo.reset()
+            counters.clear()
+            cfg = lora_cfg(compile=mode == "regional", compile_mode="regional" if mode == "regional" else "default")
+            runs[mode] = evaluate(model, val, cfg, CPU)
+        (eager, re_), (regional, rr) = runs["eager"], runs["regional"]
+        assert regional.nll_sum == pytest.approx(eager.nll_sum, rel=1e-6) and rr == re_
+        graphs[layers] = counters["stats"]["unique_graphs"]
+        assert not any(vars(m).keys() & {"forward", "forward_lanes", "nll_from_hidden"} for m in model.modules())
+    # a graph per kind of call (block 0's input needs no grad, a looped block's LoRAs stack 3 passes, the first batch's
+    # shapes, the head): 7 here, at 3 layers (5 block runs) as at 9 (11)
+    assert graphs[3] == graphs[9] < len(model.layer_order()), graphs
 
 
 def test_a_spy_that_trains_before_scoring_is_counted_and_the_audit_refuses_the_run(monkeypatch):
@@ -323,12 +350,15 @@ def test_the_record_preset_evaluates_with_the_row_the_eval_bench_picked(monkeypa
 
 
 def test_the_eval_bench_runs_the_compiled_lora_rows_in_one_process_and_every_other_row_alone(monkeypatch):
-    """bench/eval_modes.py: the compiled LoRA rows share one process (one compile, as an eval pays it), in the place
-    of the first; the CUDA-graphs and eager rows and the rows without LoRA each run alone."""
+    """bench/eval_modes.py: the compiled LoRA rows of one compile mode share one process (one compile, as an eval
+    pays it), in the place of the first; the regional twins another; the CUDA-graphs and eager rows and the rows
+    without LoRA each run alone."""
     eval_modes = bench_module(monkeypatch, "eval_modes")
 
     rows = eval_modes.variants(load_params(ROOT / "presets" / "record.yaml").eval, 150, eager=True,
-                               cheaper=[(96, 1024)], graphs=True)
+                               cheaper=[(96, 1024)], graphs=True, regional=True)
     shared = ["LoRA", "LoRA + phased SGD", "LoRA, 96 x 1024", "LoRA + phased SGD, 96 x 1024"]
     assert eval_modes.units(rows) == [["sliding"], ["document-masked"], ["phased SGD"], shared,
-                                      ["LoRA, CUDA graphs"], ["LoRA, eager"]]
+                                      ["LoRA, CUDA graphs"], [f"{n}, regional" for n in shared], ["LoRA, eager"]]
+    assert all(rows[f"{n}, regional"] == replace(rows[n], ttt=replace(rows[n].ttt, compile_mode="regional"))
+               for n in shared)
