@@ -149,6 +149,16 @@ def run_row(args: argparse.Namespace, name: str, cheaper: list[tuple[int, int]])
             **{k: v for k, v in record.items() if isinstance(v, (int, float, str))}}
 
 
+def chosen(rows: dict, only: list[str] | None) -> dict:
+    """The rows of `only`, in its order (the first runs first: the row that matters most is not left to the budget's
+    end), or all of them; a name not among them is refused with the rows there are."""
+    unknown = [name for name in only or [] if name not in rows]
+    if unknown:
+        raise KeyError(f"--only {', '.join(map(repr, unknown))}: no such row with these flags; the rows: "
+                       f"{', '.join(rows)}")
+    return {name: rows[name] for name in only or rows}
+
+
 SHARED_COMPILES = ("default", "regional")  # compile modes whose rows share a process (cuda_graphs: each alone)
 
 
@@ -200,7 +210,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--mirror", type=Path, required=True, help="the mirror the checkpoint was trained on")
     ap.add_argument("--preset", type=Path, default=ROOT / "presets" / "record.yaml")
-    ap.add_argument("--only", nargs="*", help="these rows only")
+    ap.add_argument("--only", nargs="*", help="these rows only, in this order")
     ap.add_argument("--eager", action="store_true", help="also LoRA TTT uncompiled")
     ap.add_argument("--cuda-graphs", action="store_true", help="also LoRA TTT replayed as CUDA graphs")
     ap.add_argument("--regional", action="store_true", help="also each compiled LoRA row compiled block by block")
@@ -233,8 +243,10 @@ def main() -> None:
     n_docs, lengths = len(docs), np.array([e - s for s, e in docs])
     fineweb = ttt_cost.fineweb_doc_lengths(args.record_log.read_text()) if args.record_log else None
     rows, failed, cold = [], {}, {}  # cold: compile mode -> its first compiled row's compile s
-    configs = {name: cfg for name, cfg in variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs,
-                                                   args.regional).items() if not args.only or name in args.only}
+    try:
+        configs = chosen(variants(params.eval, n_docs, args.eager, cheaper, args.cuda_graphs, args.regional), args.only)
+    except KeyError as e:
+        ap.error(e.args[0])
     for unit in units(configs):
         left = args.budget_s - (time.perf_counter() - t_start)
         cache = tempfile.mkdtemp(prefix="eval_modes_compile_")  # each process compiles cold, as a fresh machine

@@ -362,3 +362,18 @@ def test_the_eval_bench_runs_the_compiled_lora_rows_in_one_process_and_every_oth
                                       ["LoRA, CUDA graphs"], [f"{n}, regional" for n in shared], ["LoRA, eager"]]
     assert all(rows[f"{n}, regional"] == replace(rows[n], ttt=replace(rows[n].ttt, compile_mode="regional"))
                for n in shared)
+
+
+def test_the_eval_bench_runs_the_rows_asked_for_in_the_order_asked_and_refuses_an_unknown_one(monkeypatch):
+    """--only names rows in the order they run (their processes follow it), and a name no row has is refused with
+    the rows there are, before anything runs."""
+    eval_modes = bench_module(monkeypatch, "eval_modes")
+
+    rows = eval_modes.variants(load_params(ROOT / "presets" / "record.yaml").eval, 150, eager=False,
+                               cheaper=[(96, 1024)], regional=True)
+    asked = ["LoRA, 96 x 1024, regional", "sliding", "LoRA, 96 x 1024"]
+    picked = eval_modes.chosen(rows, asked)
+    assert list(picked) == asked and eval_modes.units(picked) == [[n] for n in asked]
+    assert list(eval_modes.chosen(rows, None)) == list(rows)
+    with pytest.raises(KeyError, match=r"--only 'LoRA, 96 x 2048': no such row with these flags; the rows: sliding, "):
+        eval_modes.chosen(rows, ["sliding", "LoRA, 96 x 2048"])
