@@ -22,7 +22,11 @@ many of the targets about to be trained on were scored; any that were not are co
 
 With `eval.ttt.compile` the forward is compiled once with dynamic shapes (the record compiles its TTT forward with
 dynamic=True too): the batch shrinks as documents end and the window grows chunk by chunk without recompiling (a
-batch's last document is run beside an empty row: a dim of size 1 would compile a second graph).
+batch's last document is run beside an empty row: a dim of size 1 would compile a second graph). With
+`eval.ttt.compile_mode: regional` each block, and the head with its loss, is compiled on its own instead, and the
+blocks share their graphs: a looped layer's LoRAs are one stacked tensor, and the model's pass hook sets the pass
+they gather, so nothing a block reads differs by pass in Python (a few graphs whatever the depth: a block's
+compile, not the whole unrolled network's).
 
 At temperature 1 a chunk's scoring forward is also its first training forward, as in the record: the NLL is tallied
 before the LoRAs step, so nothing is trained on before it is scored, and a chunk costs one forward and one backward
