@@ -110,17 +110,6 @@ class BatchedLoRA(nn.Module):
             self.A.copy_(torch.empty(self.A.shape).uniform_(-bound, bound, generator=generator))
 
 
-class Site:
-    """A module's LoRA as its `lora` hook (a plain callable: a LoRA module assigned to a module would join its
-    state dict)."""
-
-    def __init__(self, lora: BatchedLoRA):
-        self.lora = lora
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora(x)
-
-
 def documents(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
     """(start, end) of each document: inputs start..end-1, targets start+1..end (the next BOS is the last)."""
     n = tokens.numel()
@@ -142,13 +131,13 @@ class LoraTTT:
         order = model.layer_order()
         self.draws = torch.Generator().manual_seed(t.seed)  # the LoRAs' A, not the global RNG: a score repeats
         self.pass_index = torch.zeros((), dtype=torch.long, device=device)  # set by the model's pass hook
-        self.sites: list[tuple[nn.Module, Site]] = []
+        self.sites: list[tuple[nn.Module, BatchedLoRA]] = []
         for name in t.lora_targets:
             for block, (module, fan_in, fan_out) in enumerate(TARGETS[name](model)):
                 lora = BatchedLoRA(max(order.count(block), 1), t.batch_docs, fan_in, fan_out, t.lora_rank,
                                    t.lora_alpha, device, self.draws, self.pass_index)
-                self.sites.append((module, Site(lora)))
-        self.loras = [site.lora for _, site in self.sites]
+                self.sites.append((module, lora))
+        self.loras = [lora for _, lora in self.sites]
         self.head = None
         if "head" in t.lora_targets:
             vocab, dim = model.head_weight().shape
@@ -163,14 +152,14 @@ class LoraTTT:
         compiled = lambda f: torch.compile(f, dynamic=True, backend=self.COMPILE_BACKEND, **options)  # noqa: E731
         self.nll = compiled(model.token_nll) if t.compile and not regional else model.token_nll
         # regional: each block, and the head with its loss; the model's loop, embeddings and pass hook stay eager
-        self.compiled_parts = [(b, {"forward": compiled(b.forward), "forward_lanes": compiled(b.forward_lanes)})
-                               for b in model.blocks] + [(model, {"nll_from_hidden": compiled(model.nll_from_hidden)})]
-        self.compiled_parts = self.compiled_parts if t.compile and regional else []
+        self.compiled_parts = ([(b, {"forward": compiled(b.forward), "forward_lanes": compiled(b.forward_lanes)})
+                                for b in model.blocks] + [(model, {"nll_from_hidden": compiled(model.nll_from_hidden)})]
+                               if t.compile and regional else [])
 
     def attach(self, on: bool = True) -> None:
         """The LoRAs beside their modules (on), or none (off: the base model alone, as global SGD trains it)."""
-        for module, site in self.sites:
-            module.lora = site if on else None
+        for module, lora in self.sites:  # its bound forward: a LoRA module assigned would join the model's state dict
+            module.lora = lora.forward if on else None
         self.model.head_lora = self.head.forward if on and self.head is not None else None
         self.model.pass_hook = self._set_pass if on else None
         for module, methods in self.compiled_parts:  # the base model alone (global SGD) runs eager, as in default

@@ -116,17 +116,17 @@ def test_each_pass_of_a_looped_layer_has_loras_of_its_own_and_o_and_mlp_adapt_fr
         p.requires_grad_(False)
     val = repeating_documents()
     ttt = lora.LoraTTT(model, val, lora_cfg(), CPU)
-    counts = [site.lora.A.size(0) for _, site in ttt.sites]
+    counts = [site.A.size(0) for _, site in ttt.sites]
     assert counts == [1, 3, 3, 1] * 5  # q, k, v, o, mlp: a site per block, a LoRA per pass
     o_site = ttt.sites[3 * 4 + 1][1]  # o of block 1
-    assert o_site.lora.A.size(3) == o_site.lora.B.size(2) == model.cfg.dim  # from the input, to the output
+    assert o_site.A.size(3) == o_site.B.size(2) == model.cfg.dim  # from the input, to the output
     ttt.attach()
     doc = lora.documents(val.tokens, BOS)[0]
     opt = torch.optim.AdamW(ttt.params, lr=0.01, betas=(0.0, 0.999))
     ttt.step([(0, doc[0] + 1, doc[0] + 16, *doc)], opt)
     ttt.attach(False)
     for _, site in ttt.sites:
-        assert all(B.abs().sum() > 0 for B in site.lora.B[:, 0])  # every pass's LoRA took its own step
+        assert all(B.abs().sum() > 0 for B in site.B[:, 0])  # every pass's LoRA took its own step
 
 
 def test_compiled_lora_ttt_scores_as_eager_with_one_graph_for_every_shape(monkeypatch):
