@@ -121,6 +121,7 @@ class Trainer:
                                       broadcast_buffers=False)
         self.opts = optim.build_optimizers(self.model, cfg)
         self.params = list(self.model.parameters())
+        self.replayed = cfg.compile and COMPILE_MODES[cfg.compile_mode].get("mode") == "reduce-overhead"
         self.ema = [p.detach().clone().float() for p in self.params]
         self.swa: list[torch.Tensor] | None = None
         self.swa_count = 0
@@ -165,6 +166,13 @@ class Trainer:
                 loss = model(x, y, mask)
             (loss / self.accum).backward()
             total += loss.detach()
+            if self.replayed and micro == 0 and self.accum > 1:
+                # a replayed backward leaves each gradient in the graph's own memory, autograd takes it as p.grad,
+                # and the next micro-batch's replay overwrites it ("accessing tensor output of CUDAGraphs that has
+                # been overwritten", one H200, 8 micro-batches): the later micro-batches add into copies
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         if self.clip_first:

@@ -321,6 +321,39 @@ def test_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refused(tmp_pa
         check_fields(tiny_train(compile_mode="cudagraphs"), "train")
 
 
+def test_replayed_gradients_accumulate_over_micro_batches_as_eager_ones(tmp_path, monkeypatch):
+    """A CUDA-graph replay leaves each gradient in the graph's own memory and the next replay overwrites it; autograd
+    takes the first micro-batch's as p.grad. Simulated here by hooks that hand each gradient back in one fixed storage
+    per weight: without the copy cuda_graphs makes, two micro-batches give different weights; with it, the eager
+    ones."""
+    from pgolf import train
+
+    make_shards(tmp_path)
+    monkeypatch.setattr(train.torch, "compile", lambda model, **kw: model)
+
+    def run(mode: str, replay_memory: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = tiny_train(iterations=3, compile=mode != "eager", compile_warmup_steps=0,
+                         compile_mode="default" if mode == "eager" else mode)
+        trainer = Trainer(tiny_model(), cfg, tmp_path, CPU, log=lambda s: None)
+        assert trainer.accum == 2
+        if replay_memory:
+            for p in trainer.params:
+                storage = torch.empty_like(p).untyped_storage()  # the graph's output, written by every replay
+
+                def replay(g, storage=storage):
+                    out = torch.empty(0, dtype=g.dtype).set_(storage, 0, g.shape, g.stride())
+                    return out.copy_(g)
+                p.register_hook(replay)
+        return trainer.run().raw
+
+    eager = run("eager", replay_memory=False)
+    overwritten = run("default", replay_memory=True)
+    replayed = run("cuda_graphs", replay_memory=True)
+    assert any(not torch.equal(eager[k], overwritten[k]) for k in eager)
+    assert all(torch.equal(eager[k], replayed[k]) for k in eager)
+
+
 def test_a_bf16_embedding_is_stored_and_stepped_in_bf16_and_handed_on_in_float32(tmp_path):
     """train.embed_dtype: bfloat16 (the record's trainer): the token embedding alone is kept in bf16 while training,
     so each AdamW step rounds it; the results hold float32 tensors (bf16's values), the other weights train as
