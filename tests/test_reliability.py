@@ -401,14 +401,14 @@ def test_bad_inputs_through_the_real_stages_are_one_line(ran, tmp_path, stage, d
 
 @pytest.mark.parametrize("nproc, global_lr", [("1", 0.0), ("2", 0.01), ("1", 0.01)])
 def test_the_record_presets_lora_eval_runs_through_the_real_eval_and_audit_stages(ran, tmp_path, nproc, global_lr):
-    """presets/record.yaml's eval block (per-document LoRA TTT, and with global_lr its phased SGD), at the demo model's
-    size and uncompiled here, in one process and on two gloo ranks (each its share of the documents, the phases at
-    the same batch on both): the eval stage scores every target first, trains on none before, and the strict audit
-    passes on its ledger."""
+    """presets/record.yaml's LoRA settings (-S eval.mode=lora_ttt; and with global_lr its phased SGD), at the demo
+    model's size and uncompiled here, in one process and on two gloo ranks (each its share of the documents, the
+    phases at the same batch on both): the eval stage scores every target first, trains on none before, and the
+    strict audit passes on its ledger."""
     d = damaged_copy(ran, tmp_path, lambda d: None)
     params = yaml.safe_load((d / "params.yaml").read_text())
     params["eval"] = yaml.safe_load((ROOT / "presets" / "record.yaml").read_text())["eval"]
-    params["eval"] |= {"seq_len": 256, "nproc_per_node": nproc}
+    params["eval"] |= {"mode": "lora_ttt", "seq_len": 256, "nproc_per_node": nproc}
     params["eval"]["ttt"] |= {"compile": False, "batch_docs": 4, "lora_rank": 4, "chunk_tokens": 64,
                               "global_lr": global_lr, "prefix_docs": 8, "phases": 2, "global_chunk_tokens": 2048}
     (d / "params.yaml").write_text(yaml.safe_dump(params))
@@ -420,6 +420,25 @@ def test_the_record_presets_lora_eval_runs_through_the_real_eval_and_audit_stage
                                                                     ("lora", False))
     assert evidence["val_tokens_trained_before_scored"] == 0 and evidence["targets"] == evidence["targets_expected"]
     assert read_metrics(d, "audit")["passed"] is True
+
+
+def test_the_record_presets_own_eval_scores_each_document_apart_through_the_real_stages(ran, tmp_path):
+    """presets/record.yaml's eval block as it is (document-masked windows) at the demo model's size: every target
+    scored, none trained on, and the masks make it score differently from the same windows unmasked."""
+    scores = {}
+    for doc_mask in (True, False):
+        d = damaged_copy(ran, tmp_path / str(doc_mask), lambda d: None)
+        params = yaml.safe_load((d / "params.yaml").read_text())
+        params["eval"] = yaml.safe_load((ROOT / "presets" / "record.yaml").read_text())["eval"]
+        params["eval"] |= {"seq_len": 256, "nproc_per_node": "1", "doc_mask": doc_mask}
+        (d / "params.yaml").write_text(yaml.safe_dump(params))
+        run([sys.executable, "-m", "stages.eval"], d)
+        run([sys.executable, "-m", "stages.audit"], d)
+        evidence = read_json(d / "artifacts/eval/evidence.json")
+        assert evidence["mode"] == "sliding" and evidence["targets"] == evidence["targets_expected"]
+        assert evidence["val_tokens_trained_before_scored"] == 0 and read_metrics(d, "audit")["passed"] is True
+        scores[doc_mask] = read_metrics(d, "eval")["val_bpb"]
+    assert scores[True] != scores[False]
 
 
 def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
