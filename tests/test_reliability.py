@@ -399,22 +399,29 @@ def test_bad_inputs_through_the_real_stages_are_one_line(ran, tmp_path, stage, d
     assert "Traceback" not in p.stderr
 
 
+def eval_with_the_record_presets(ran, tmp_path, changes: dict, ttt_changes: dict | None = None) -> tuple:
+    """A copy of the demo run with presets/record.yaml's eval block (with these changes) through the real eval and
+    audit stages: (the copy, its eval evidence)."""
+    d = damaged_copy(ran, tmp_path, lambda d: None)
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["eval"] = yaml.safe_load((ROOT / "presets" / "record.yaml").read_text())["eval"] | changes
+    params["eval"]["ttt"] |= ttt_changes or {}
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    run([sys.executable, "-m", "stages.eval"], d)
+    run([sys.executable, "-m", "stages.audit"], d)
+    return d, read_json(d / "artifacts/eval/evidence.json")
+
+
 @pytest.mark.parametrize("nproc, global_lr", [("1", 0.0), ("2", 0.01), ("1", 0.01)])
 def test_the_record_presets_lora_eval_runs_through_the_real_eval_and_audit_stages(ran, tmp_path, nproc, global_lr):
     """presets/record.yaml's LoRA settings (-S eval.mode=lora_ttt; and with global_lr its phased SGD), at the demo
     model's size and uncompiled here, in one process and on two gloo ranks (each its share of the documents, the
     phases at the same batch on both): the eval stage scores every target first, trains on none before, and the
     strict audit passes on its ledger."""
-    d = damaged_copy(ran, tmp_path, lambda d: None)
-    params = yaml.safe_load((d / "params.yaml").read_text())
-    params["eval"] = yaml.safe_load((ROOT / "presets" / "record.yaml").read_text())["eval"]
-    params["eval"] |= {"mode": "lora_ttt", "seq_len": 256, "nproc_per_node": nproc}
-    params["eval"]["ttt"] |= {"compile": False, "batch_docs": 4, "lora_rank": 4, "chunk_tokens": 64,
-                              "global_lr": global_lr, "prefix_docs": 8, "phases": 2, "global_chunk_tokens": 2048}
-    (d / "params.yaml").write_text(yaml.safe_dump(params))
-    run([sys.executable, "-m", "stages.eval"], d)
-    run([sys.executable, "-m", "stages.audit"], d)
-    evidence = read_json(d / "artifacts/eval/evidence.json")
+    d, evidence = eval_with_the_record_presets(
+        ran, tmp_path, {"mode": "lora_ttt", "seq_len": 256, "nproc_per_node": nproc},
+        {"compile": False, "batch_docs": 4, "lora_rank": 4, "chunk_tokens": 64, "global_lr": global_lr,
+         "prefix_docs": 8, "phases": 2, "global_chunk_tokens": 2048})
     assert evidence["mode"] == "lora_ttt" and evidence["ttt_units"] > 0
     assert (evidence["ttt"], evidence["ttt_global_steps"] > 0) == (("lora+global_sgd", True) if global_lr else
                                                                     ("lora", False))
@@ -427,14 +434,8 @@ def test_the_record_presets_own_eval_scores_each_document_apart_through_the_real
     scored, none trained on, and the masks make it score differently from the same windows unmasked."""
     scores = {}
     for doc_mask in (True, False):
-        d = damaged_copy(ran, tmp_path / str(doc_mask), lambda d: None)
-        params = yaml.safe_load((d / "params.yaml").read_text())
-        params["eval"] = yaml.safe_load((ROOT / "presets" / "record.yaml").read_text())["eval"]
-        params["eval"] |= {"seq_len": 256, "nproc_per_node": "1", "doc_mask": doc_mask}
-        (d / "params.yaml").write_text(yaml.safe_dump(params))
-        run([sys.executable, "-m", "stages.eval"], d)
-        run([sys.executable, "-m", "stages.audit"], d)
-        evidence = read_json(d / "artifacts/eval/evidence.json")
+        d, evidence = eval_with_the_record_presets(
+            ran, tmp_path / str(doc_mask), {"seq_len": 256, "nproc_per_node": "1", "doc_mask": doc_mask})
         assert evidence["mode"] == "sliding" and evidence["targets"] == evidence["targets_expected"]
         assert evidence["val_tokens_trained_before_scored"] == 0 and read_metrics(d, "audit")["passed"] is True
         scores[doc_mask] = read_metrics(d, "eval")["val_bpb"]
