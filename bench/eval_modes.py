@@ -26,14 +26,14 @@ the mode's wall time (model build excluded, first-use compiles included, except 
 paid on its first documents beforehand and reported as compile s). The rows of each process compile into a cache of
 their own, empty at the start (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the first compiled row of a compile mode
 compiles cold, as on a fresh eval machine, and the rows after it find its kernels, so their projections take that
-cold compile, not their own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this split's, divides by 8 GPUs and
-adds the compile once: a projection from one GPU, not a measurement. The docs corpus has longer documents than
-FineWeb, and a LoRA step's work per target grows with its document's length (up to the window): with --record-log, a
-LoRA row is also projected by the tokens its steps run on FineWeb's documents over this split's (bench/ttt_cost.py;
-FineWeb's lengths from the record's log), and the pick goes by that. Each row runs in a process of its own (a row that
-crashes it, as call 44's segmentation fault in the CUDA-graphs row, is reported as failed and the others still run),
-but for the compiled LoRA rows: those of one compile mode share one, as an eval pays one compile (the rows after the
-first reuse its compiled forward).
+cold compile, not their own. The projection scales the seconds by FineWeb's 47,851,520 val targets over this
+split's, divides by 8 GPUs and adds the compile once: a projection from one GPU, not a measurement. The docs corpus
+has longer documents than FineWeb, and a LoRA step's work per target grows with its document's length (up to the
+window): with --record-log, a LoRA row is also projected by the tokens its steps run on FineWeb's documents over
+this split's (bench/ttt_cost.py; FineWeb's lengths from the record's log), and the pick goes by that. Each row runs
+in a process of its own (a row that crashes it, as call 44's segmentation fault in the CUDA-graphs row, is reported
+as failed and the others still run), but for the compiled LoRA rows: those of one compile mode share one, as an eval
+pays one compile (the rows after the first reuse its compiled forward).
 Prints a table, writes --out.
 """
 
@@ -103,8 +103,8 @@ def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], grap
         rows[f"LoRA + phased SGD, {c} x {L}"] = replace(cfg, mode="lora_ttt", seq_len=L, ttt=replace(
             lora, global_lr=0.001, momentum=0.9, chunk_tokens=c))
     if regional:
-        rows |= {f"{name}, regional": replace(c, ttt=replace(c.ttt, compile_mode="regional")) for name, c in rows.items()
-                 if c.mode == "lora_ttt" and c.ttt.compile_mode == "default"}
+        rows |= {f"{name}, regional": replace(c, ttt=replace(c.ttt, compile_mode="regional"))
+                 for name, c in rows.items() if c.mode == "lora_ttt" and c.ttt.compile_mode == "default"}
     if eager:
         rows["LoRA, eager"] = replace(cfg, mode="lora_ttt", ttt=replace(lora, global_lr=0.0, compile=False))
     return rows
@@ -267,8 +267,9 @@ def main() -> None:
                 failed[name] = said
     gpu = runtime.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"\n{len(val.tokens) - 1:,} val targets, {n_docs} documents, {gpu}; projection: the first compiled row's "
-          f"(cold) compile s of its compile mode, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / targets / 8; for LoRA "
-          "rows with --record-log, x FineWeb's LoRA work / this split's instead (bench/ttt_cost.py)")
+          f"(cold) compile s of its compile mode, or a row's own if longer, + seconds x {FINEWEB_VAL_TARGETS:,} / "
+          "targets / 8; for LoRA rows with --record-log, x FineWeb's LoRA work / this split's instead "
+          "(bench/ttt_cost.py)")
     print("| mode | val bpb | vs sliding | seconds | compile s | projected 8-GPU s | by LoRA work |\n"
           "|---|---|---|---|---|---|---|")
     ref = next((r["val_bpb"] for r in rows if r["mode"] == "sliding"), None)
