@@ -85,7 +85,7 @@ def variants(cfg, n_docs: int, eager: bool, cheaper: list[tuple[int, int]], grap
     by block (eval.ttt.compile_mode: regional))."""
     prefix = max(1, round(PREFIX_FRACTION * n_docs))
     cfg = replace(cfg, seq_len=RECORD_SEQ_LEN)  # the rows are the record's, whichever mode the preset now takes
-    lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3, compile=True)
+    lora = replace(cfg.ttt, **RECORD_LORA, prefix_docs=prefix, phases=3, compile=True, compile_mode="default")
     rows = {
         "sliding": replace(cfg, mode="sliding", doc_mask=False),
         "document-masked": replace(cfg, mode="sliding", doc_mask=True),
