@@ -337,18 +337,19 @@ def test_the_cuda_graphs_mode_reaches_torch_compile(monkeypatch):
 
 
 def test_the_record_preset_evaluates_with_the_row_the_eval_bench_picked(monkeypatch):
-    """presets/record.yaml takes `document-masked` of bench/eval_modes.py (the best row projected under 540 s: every
-    LoRA row's cold compile put it over, bench/NOTES.md calls 53-54) as that row runs it, and its LoRA settings are
-    `LoRA, 96 x 1024`'s but for the window (-S eval.mode=lora_ttt eval.seq_len=1024); the bench's other rows stay the
-    record's (windows of 2048, phased SGD at lr 0.001) whatever mode the preset takes."""
+    """presets/record.yaml takes `LoRA + phased SGD, 192 x 1024, regional` of bench/eval_modes.py (the best row
+    projected under 540 s, bench/NOTES.md call 59) as that row runs it at FineWeb's 50,000 documents, and
+    `-S eval.mode=sliding -S eval.seq_len=2048` is its `document-masked` row; the bench's other rows stay the record's
+    (windows of 2048, phased SGD at lr 0.001, LoRA chunks of 48, the whole model compiled) whatever the preset takes."""
     eval_modes = bench_module(monkeypatch, "eval_modes")
 
     preset = load_params(ROOT / "presets" / "record.yaml").eval
-    rows = eval_modes.variants(preset, 50_000, eager=False, cheaper=[(96, 1024)])
-    assert rows["document-masked"] == preset
-    assert rows["LoRA, 96 x 1024"] == replace(preset, mode="lora_ttt", seq_len=1024)
+    rows = eval_modes.variants(preset, 50_000, eager=False, cheaper=[(192, 1024)], regional=True)
+    assert rows["LoRA + phased SGD, 192 x 1024, regional"] == preset
+    assert rows["document-masked"] == replace(preset, mode="sliding", seq_len=2048)
     assert {rows[r].seq_len for r in ("sliding", "document-masked", "phased SGD", "LoRA")} == {2048}
     assert (rows["phased SGD"].ttt.lr, rows["LoRA"].ttt.chunk_tokens) == (0.001, 48)
+    assert (rows["LoRA"].ttt.compile_mode, rows["LoRA"].ttt.global_lr) == ("default", 0.0)
 
 
 def test_the_eval_bench_runs_the_compiled_lora_rows_in_one_process_and_every_other_row_alone(monkeypatch):

@@ -414,12 +414,12 @@ def eval_with_the_record_presets(ran, tmp_path, changes: dict, ttt_changes: dict
 
 @pytest.mark.parametrize("nproc, global_lr", [("1", 0.0), ("2", 0.01), ("1", 0.01)])
 def test_the_record_presets_lora_eval_runs_through_the_real_eval_and_audit_stages(ran, tmp_path, nproc, global_lr):
-    """presets/record.yaml's LoRA settings (-S eval.mode=lora_ttt; and with global_lr its phased SGD), at the demo
-    model's size and uncompiled here, in one process and on two gloo ranks (each its share of the documents, the
-    phases at the same batch on both): the eval stage scores every target first, trains on none before, and the
-    strict audit passes on its ledger."""
+    """presets/record.yaml's eval block as it is (LoRA TTT with phased global SGD; with global_lr 0 the LoRAs alone),
+    at the demo model's size and uncompiled here, in one process and on two gloo ranks (each its share of the
+    documents, the phases at the same batch on both): the eval stage scores every target first, trains on none
+    before, and the strict audit passes on its ledger."""
     d, evidence = eval_with_the_record_presets(
-        ran, tmp_path, {"mode": "lora_ttt", "seq_len": 256, "nproc_per_node": nproc},
+        ran, tmp_path, {"seq_len": 256, "nproc_per_node": nproc},
         {"compile": False, "batch_docs": 4, "lora_rank": 4, "chunk_tokens": 64, "global_lr": global_lr,
          "prefix_docs": 8, "phases": 2, "global_chunk_tokens": 2048})
     assert evidence["mode"] == "lora_ttt" and evidence["ttt_units"] > 0
@@ -429,13 +429,15 @@ def test_the_record_presets_lora_eval_runs_through_the_real_eval_and_audit_stage
     assert read_metrics(d, "audit")["passed"] is True
 
 
-def test_the_record_presets_own_eval_scores_each_document_apart_through_the_real_stages(ran, tmp_path):
-    """presets/record.yaml's eval block as it is (document-masked windows) at the demo model's size: every target
-    scored, none trained on, and the masks make it score differently from the same windows unmasked."""
+def test_the_record_presets_sliding_fallback_scores_each_document_apart_through_the_real_stages(ran, tmp_path):
+    """presets/record.yaml's eval block with -S eval.mode=sliding (document-masked windows) at the demo model's
+    size: every target scored, none trained on, and the masks make it score differently from the same windows
+    unmasked."""
     scores = {}
     for doc_mask in (True, False):
         d, evidence = eval_with_the_record_presets(
-            ran, tmp_path / str(doc_mask), {"seq_len": 256, "nproc_per_node": "1", "doc_mask": doc_mask})
+            ran, tmp_path / str(doc_mask), {"mode": "sliding", "seq_len": 256, "nproc_per_node": "1",
+                                            "doc_mask": doc_mask})
         assert evidence["mode"] == "sliding" and evidence["targets"] == evidence["targets_expected"]
         assert evidence["val_tokens_trained_before_scored"] == 0 and read_metrics(d, "audit")["passed"] is True
         scores[doc_mask] = read_metrics(d, "eval")["val_bpb"]
