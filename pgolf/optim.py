@@ -10,7 +10,8 @@ from .config import TrainConfig
 from .registry import Registry
 from .runtime import rank_world
 
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 renamed it
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch 2.13 renamed them
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 # Newton-Schulz iterations X <- aX + (bA + cA^2)X, A = XX^T: per-step (a, b, c) for `steps` steps
 NS_COEFFS: Registry = Registry("train.ns_coeffs")
@@ -59,20 +60,23 @@ class Muon(torch.optim.Optimizer):
     """Momentum, then Newton-Schulz orthogonalization of the update, batched over same-shape matrices.
 
     Under torch.distributed, rank r orthogonalizes matrices r, r+world, ... of each shape and the results are
-    all-gathered, so the work is shared rather than repeated (gradients must already be averaged: by DDP during the
-    backward, or by the trainer after a rank-scoped clip). Each shape's all-gather is asynchronous and moves
+    all-gathered, so the work is shared rather than repeated. Each shape's all-gather is asynchronous and moves
     Newton-Schulz's own output (bf16 on a GPU: half the bytes of float32, and lossless), so it runs while the
     next shape is orthogonalized; the largest shapes go first. Momentum buffers live only on the rank that owns
-    the matrix.
+    the matrix. The gradients come averaged (by DDP during the backward), or with `reduce_grads` as each rank's own
+    (after a rank-scoped clip): then each shape's are reduce-scattered, every rank receiving the mean of only the
+    matrices it owns, in the momentum's dtype (half an all-reduce's bytes; bf16 halves them again, the record's
+    bank reduce-scatter); all shapes' start at once and each is waited for just before its Newton-Schulz.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5, weight_decay: float = 0.0,
                  row_norm: bool = False, nesterov: bool = True, ns_coeffs: str = "quintic",
-                 state_dtype: torch.dtype = torch.float32):
+                 state_dtype: torch.dtype = torch.float32, reduce_grads: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
                                       row_norm=row_norm, nesterov=nesterov, ns_coeffs=ns_coeffs))
         self.state_dtype = state_dtype
         self.rank, self.world = rank_world()
+        self.reduce_grads = reduce_grads and self.world > 1
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # which casts each buffer to its parameter's dtype: back to state_dtype
@@ -81,13 +85,15 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        launched = []
+        plan = []  # (group, shape, its matrices), the largest shapes first
         for group in self.param_groups:
             by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
                 by_shape[tuple(p.shape)].append(p)
-            for shape in sorted(by_shape, key=lambda s: -math.prod(s)):
-                launched.append((group, shape, by_shape[shape], *self._orthogonalize(group, shape, by_shape[shape])))
+            plan += [(group, shape, by_shape[shape]) for shape in sorted(by_shape, key=lambda s: -math.prod(s))]
+        reduced = [self._reduce(shape, params) if self.reduce_grads else None for _, shape, params in plan]
+        launched = [(group, shape, params, *self._orthogonalize(group, shape, params, summed))
+                    for (group, shape, params), summed in zip(plan, reduced)]
         for group, shape, params, U, gather in launched:
             if gather is not None:
                 gather.wait()
@@ -98,14 +104,32 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
-    def _orthogonalize(self, group: dict, shape: tuple, params: list[torch.Tensor]) -> tuple:
+    def _reduce(self, shape: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, object]:
+        """The started reduce-scatter of one shape's gradients: (the buffer that receives the sum over ranks of this
+        rank's matrices, padded to the per-rank count; its handle). The matrices go in rank-major order, so rank r's
+        block holds r, r+world, ..."""
+        per_rank = -(-len(params) // self.world)
+        dtype = self.state_dtype
+        order = [r + k * self.world for r in range(self.world) for k in range(per_rank)]
+        grads = torch.stack([params[i].grad.to(dtype) if i < len(params) and params[i].grad is not None
+                             else torch.zeros(shape, device=params[0].device, dtype=dtype) for i in order])
+        summed = torch.empty((per_rank, *shape), device=grads.device, dtype=dtype)
+        return summed, _reduce_scatter(summed, grads, async_op=True)
+
+    def _orthogonalize(self, group: dict, shape: tuple, params: list[torch.Tensor], summed: tuple | None) -> tuple:
         """This rank's matrices of one shape orthogonalized, and (distributed) the started all-gather of every
-        rank's: (the updates, or the buffer the gather fills; its handle or None)."""
+        rank's: (the updates, or the buffer the gather fills; its handle or None). `summed`: _reduce's (buffer,
+        handle) for this shape, or None when the gradients come averaged."""
         mine = params[self.rank::self.world]
         per_rank = -(-len(params) // self.world)
         momentum = group["momentum"]
         dtype = self.state_dtype
-        grads = [p.grad.to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype) for p in mine]
+        if summed is None:
+            grads = [p.grad.to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype) for p in mine]
+        else:
+            total, handle = summed
+            handle.wait()
+            grads = list(total.div_(self.world)[:len(mine)].unbind(0))  # the sum divided, as average_grads does
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=dtype)) for p in mine]
         if mine:  # foreach ops: a few launches per shape, not a few per matrix
             torch._foreach_mul_(bufs, momentum)
@@ -122,9 +146,11 @@ class Muon(torch.optim.Optimizer):
         return gathered, _all_gather(gathered, U.contiguous(), async_op=True)
 
 
-def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig,
+                     reduce_grads: bool = False) -> list[torch.optim.Optimizer]:
     """Muon for hidden matrices; AdamW groups for embeddings, the untied head and scalars/gates (a linear map to or
-    from one unit, like the SmearGate's gate, is a vector: Newton-Schulz would only normalize it)."""
+    from one unit, like the SmearGate's gate, is a vector: Newton-Schulz would only normalize it). `reduce_grads`:
+    Muon averages its matrices' gradients over the ranks itself (Muon.reduce_grads); the caller averages the rest."""
     from .model import CastedLinear
 
     head = getattr(model, "lm_head", None)
@@ -141,7 +167,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     opts = [
         Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps,
              weight_decay=cfg.muon_wd, row_norm=cfg.muon_row_norm, ns_coeffs=cfg.ns_coeffs,
-             state_dtype=MUON_DTYPES[cfg.muon_dtype]),
+             state_dtype=MUON_DTYPES[cfg.muon_dtype], reduce_grads=reduce_grads),
         torch.optim.AdamW(adam_groups, betas=(0.9, cfg.adam_beta2), eps=1e-8, fused=fused),
     ]
     for opt in opts:

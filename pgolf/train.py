@@ -119,8 +119,11 @@ class Trainer:
                 warnings.simplefilter("ignore", FutureWarning)
                 self.step_model = DDP(self.step_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                       broadcast_buffers=False)
-        self.opts = optim.build_optimizers(self.model, cfg)
+        self.opts = optim.build_optimizers(self.model, cfg, reduce_grads=self.clip_first)
         self.params = list(self.model.parameters())
+        reduced = {id(p) for opt in self.opts if getattr(opt, "reduce_grads", False)
+                   for group in opt.param_groups for p in group["params"]}
+        self.averaged = [p for p in self.params if id(p) not in reduced]  # by the trainer after a rank-scoped clip
         self.replayed = cfg.compile and COMPILE_MODES[cfg.compile_mode].get("mode") == "reduce-overhead"
         self.ema = [p.detach().clone().float() for p in self.params]
         self.swa: list[torch.Tensor] | None = None
@@ -176,7 +179,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         if self.clip_first:
-            average_grads(self.params)
+            average_grads(self.averaged)
         optim.apply_schedule(self.opts, scale, optim.muon_momentum(self.step, cfg))
         for opt in self.opts:
             opt.step()

@@ -1,4 +1,5 @@
-"""Muon across ranks: the shared orthogonalization gives every rank the one-process update; its state dtype."""
+"""Muon across ranks: the shared orthogonalization (and reduce-scatter) gives every rank the one-process update; its
+state dtype."""
 
 import pytest
 import torch
@@ -11,35 +12,52 @@ from pgolf.optim import Muon
 SHAPES = [(4, 6)] * 5 + [(8, 4)] * 2  # 5 matrices: one rank pads; tall ones: the sqrt(rows / cols) scale
 
 
-def _run_muon(rank: int, world: int, steps: int = 3) -> tuple[list[torch.Tensor], int]:
+def _run_muon(rank: int, world: int, steps: int = 3, reduce: bool = False) -> tuple[list[torch.Tensor], dict]:
+    """Muon's weights after `steps` and the momentum buffers this rank holds, by matrix. Every rank draws the same averaged
+    gradients (as after DDP); with `reduce`, each rank is handed its own instead, the average plus a rank's offset
+    that sums to 0 over the ranks (each rank's gradient of its share of the batch), for Muon to average."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
-    opt = Muon(params, lr=0.05, weight_decay=0.1, row_norm=True)
+    opt = Muon(params, lr=0.05, weight_decay=0.1, row_norm=True, reduce_grads=reduce)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn_like(p)  # the same averaged gradients on every rank, as after DDP
+            mean, offset = torch.randn_like(p), torch.randn_like(p)
+            p.grad = mean + (2 * rank - (world - 1)) * offset if reduce else mean
         opt.step()
-    return [p.detach().clone() for p in params], len(opt.state)
+    return ([p.detach().clone() for p in params],
+            {i: opt.state[p]["momentum_buffer"].clone() for i, p in enumerate(params) if p in opt.state})
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
+def _rank(rank: int, world: int, init: str, out: str, reduce: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        torch.save(_run_muon(rank, world), f"{out}.{rank}")
+        torch.save(_run_muon(rank, world, reduce=reduce), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_sharing_muon_end_with_the_one_process_weights_and_split_the_momentum(tmp_path):
+@pytest.mark.parametrize("reduce", [False, True], ids=["averaged", "reduce_scattered"])
+def test_two_ranks_sharing_muon_end_with_the_one_process_weights_and_split_the_momentum(tmp_path, reduce):
+    """Averaged gradients, or each rank's own reduce-scattered by Muon (reduce_grads): every rank ends with the
+    weights one process reaches on the averages, each holding the momentum of only the matrices it owns."""
     torch.set_num_threads(1)
     alone, held = _run_muon(0, 1)
-    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "out"), reduce), nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
-    for weights, _ in ranks:
+    for weights, buffers in ranks:
         assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(alone, weights))
+        # the buffers too: Newton-Schulz would hide a sum left undivided (it normalizes), the momentum does not
+        assert all(torch.allclose(held[i], buf, rtol=0, atol=1e-5) for i, buf in buffers.items())
     assert not all(torch.equal(a, p) for a, p in zip(alone, _run_muon(0, 1, steps=0)[0]))  # the steps moved them
-    assert held == 7 and [n for _, n in ranks] == [4, 3]  # rank 0: matrices 0, 2, 4 and 5; rank 1: 1, 3 and 6
+    assert len(held) == 7 and [sorted(b) for _, b in ranks] == [[0, 2, 4, 5], [1, 3, 6]]  # each shape's r, r+2, ...
+
+
+def test_a_rank_reduce_scattering_its_own_gradient_alone_steps_away_from_the_average():
+    """What the reduce-scatter is for: one process stepping on a rank's own gradient (the average plus its offset)
+    ends elsewhere than on the average, so the two-rank run's equality above is the averaging's doing."""
+    on_the_average, on_its_own = _run_muon(0, 1)[0], _run_muon(0, 2, reduce=True)[0]  # no process group: no reduce
+    assert not any(torch.allclose(a, b, rtol=0, atol=1e-3) for a, b in zip(on_the_average, on_its_own))
 
 
 def test_bf16_momentum_rounds_the_gradient_and_the_buffer_as_the_record_and_survives_a_resume():
