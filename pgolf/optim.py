@@ -97,23 +97,27 @@ class Muon(torch.optim.Optimizer):
         for group, shape, params, U, gather in launched:
             if gather is not None:
                 gather.wait()
-                per_rank = U.size(0) // self.world  # rank r's block holds matrices r, r+world, ...
-                U = U[[(i % self.world) * per_rank + i // self.world for i in range(len(params))]]
+                U = U[self._slots(len(params), U.size(0) // self.world)]
             updates = U[:len(params)].to(torch.float32) * max(1.0, shape[0] / shape[1]) ** 0.5
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
+    def _slots(self, n: int, per_rank: int) -> list[int]:
+        """Where each of a shape's n matrices sits in a buffer of world blocks of per_rank (what the ranks gather and
+        reduce-scatter): rank r's block holds matrices r, r+world, ..., the ones it orthogonalizes."""
+        return [(i % self.world) * per_rank + i // self.world for i in range(n)]
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        return p.grad.to(self.state_dtype) if p.grad is not None else torch.zeros_like(p, dtype=self.state_dtype)
+
     def _reduce(self, shape: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, object]:
         """The started reduce-scatter of one shape's gradients: (the buffer that receives the sum over ranks of this
-        rank's matrices, padded to the per-rank count; its handle). The matrices go in rank-major order, so rank r's
-        block holds r, r+world, ..."""
+        rank's matrices, padded to the per-rank count; its handle)."""
         per_rank = -(-len(params) // self.world)
-        dtype = self.state_dtype
-        order = [r + k * self.world for r in range(self.world) for k in range(per_rank)]
-        grads = torch.stack([params[i].grad.to(dtype) if i < len(params) and params[i].grad is not None
-                             else torch.zeros(shape, device=params[0].device, dtype=dtype) for i in order])
-        summed = torch.empty((per_rank, *shape), device=grads.device, dtype=dtype)
+        grads = torch.zeros((self.world * per_rank, *shape), device=params[0].device, dtype=self.state_dtype)
+        grads[self._slots(len(params), per_rank)] = torch.stack([self._grad(p) for p in params])
+        summed = torch.empty((per_rank, *shape), device=grads.device, dtype=grads.dtype)
         return summed, _reduce_scatter(summed, grads, async_op=True)
 
     def _orthogonalize(self, group: dict, shape: tuple, params: list[torch.Tensor], summed: tuple | None) -> tuple:
@@ -125,7 +129,7 @@ class Muon(torch.optim.Optimizer):
         momentum = group["momentum"]
         dtype = self.state_dtype
         if summed is None:
-            grads = [p.grad.to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype) for p in mine]
+            grads = [self._grad(p) for p in mine]
         else:
             total, handle = summed
             handle.wait()

@@ -13,9 +13,9 @@ SHAPES = [(4, 6)] * 5 + [(8, 4)] * 2  # 5 matrices: one rank pads; tall ones: th
 
 
 def _run_muon(rank: int, world: int, steps: int = 3, reduce: bool = False) -> tuple[list[torch.Tensor], dict]:
-    """Muon's weights after `steps` and the momentum buffers this rank holds, by matrix. Every rank draws the same averaged
-    gradients (as after DDP); with `reduce`, each rank is handed its own instead, the average plus a rank's offset
-    that sums to 0 over the ranks (each rank's gradient of its share of the batch), for Muon to average."""
+    """Muon's weights after `steps` and the momentum buffers this rank holds, by matrix. Every rank draws the same
+    averaged gradients (as after DDP); with `reduce`, each rank is handed its own instead, the average plus a rank's
+    offset that sums to 0 over the ranks (each rank's gradient of its share of the batch), for Muon to average."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = Muon(params, lr=0.05, weight_decay=0.1, row_norm=True, reduce_grads=reduce)
