@@ -43,8 +43,9 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     return 6 * matmul + 6 * layers * seq_len * cfg.dim
 
 
-def profile(trainer: Trainer, steps: int) -> None:
-    """Top device kernels over a few more steps, and how much of the wall time the GPU was busy."""
+def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
+    """Top device kernels over a few more steps with `passes` recurrent passes running, and how much of the wall time
+    the GPU was busy; with `trace`, the steps' timeline as a gzipped Chrome trace at trace_p<passes>.json.gz."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, record_function
 
@@ -56,6 +57,7 @@ def profile(trainer: Trainer, steps: int) -> None:
 
     for opt in trainer.opts:  # optimizer time shows as its own row
         opt.step = labelled(opt.step, f"optimizer.{type(opt).__name__}")
+    trainer.model.passes = passes
     trainer._sync()
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -73,7 +75,9 @@ def profile(trainer: Trainer, steps: int) -> None:
         if e.key.startswith("optimizer."):
             print(f"{e.key}: host {e.cpu_time_total / steps / 1e3:.2f} ms/step, "
                   f"device {e.device_time_total / steps / 1e3:.2f} ms/step")
-    print(f"profile: {steps} steps, wall {wall / steps * 1000:.1f} ms/step, device busy {busy / steps * 1000:.1f} ms/step "
+    if trace:
+        prof.export_chrome_trace(f"{trace}_p{passes}.json.gz")
+    print(f"profile: {steps} steps, {passes} passes, wall {wall / steps * 1000:.1f} ms/step, device busy {busy / steps * 1000:.1f} ms/step "
           f"({busy / wall:.0%}; includes profiler overhead)")
 
 
@@ -85,7 +89,10 @@ def main() -> None:
     ap.add_argument("--micro-batch-tokens", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--profile", type=int, default=0, help="after the timed steps, profile this many more")
+    ap.add_argument("--profile", type=int, default=0, help="after the timed steps, profile this many more, before and "
+                    "after the loops switch on")
+    ap.add_argument("--trace", default="", help="with --profile: write each phase's Chrome trace to TRACE_p<passes>.json.gz")
+    ap.add_argument("--batch-tokens", type=int, default=0, help="train.batch_tokens (0: the config's)")
     ap.add_argument("--log-every", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--seed", type=int, default=0, help="0: the config's seed")
@@ -93,9 +100,20 @@ def main() -> None:
     ap.add_argument("--compile-mode", choices=list(COMPILE_MODES), help="train.compile_mode (cuda_graphs: the step "
                     "recorded and replayed as CUDA graphs)")
     ap.add_argument("--doc-attention", choices=("flex", "varlen"), help="the document masks' backend (train.doc_mask)")
+    ap.add_argument("--flex-options", type=Path, help="FlexAttention's kernel options from this JSON file "
+                    "(bench/doc_attention.py --flex-grid)")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
     ap.add_argument("--pack", choices=list(PACKINGS), help="train.pack (span: a micro-batch as one row)")
     args = ap.parse_args()
     attention.prefer(args.doc_attention)
+    import torch._inductor.config  # noqa: F401 - the attribute exists once imported
+    for setting in args.inductor:
+        key, value = setting.split("=", 1)
+        setattr(torch._inductor.config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
+                else type(getattr(torch._inductor.config, key))(value))
+    if args.flex_options:
+        attention.tune_flex(json.loads(args.flex_options.read_text()))
     if args.config == "baseline":
         mcfg, tcfg = BASELINE
     else:
@@ -105,6 +123,7 @@ def main() -> None:
                                compile_warmup_steps=args.warmup, log_every=args.log_every or max(args.steps // 5, 1),
                                checkpoint_every_s=0, val_every=0, warmup_steps=min(tcfg.warmup_steps, 5),
                                micro_batch_tokens=args.micro_batch_tokens or tcfg.micro_batch_tokens,
+                               batch_tokens=args.batch_tokens or tcfg.batch_tokens,
                                seed=args.seed or tcfg.seed, fp8=args.fp8 or tcfg.fp8,
                                compile_mode=args.compile_mode or tcfg.compile_mode, pack=args.pack or tcfg.pack)
     rt = init_runtime()
@@ -115,14 +134,17 @@ def main() -> None:
     fpt = flops_per_token(trainer.model, tcfg.seq_len)
     tok_s = m["tokens_per_second"]
     row = {"config": Path(args.config).stem, "compile": tcfg.compile, "fp8": tcfg.fp8, "compile_mode": tcfg.compile_mode,
-           "doc_attention": args.doc_attention or "default", "pack": tcfg.pack, "micro_batch_tokens": tcfg.micro_batch_tokens,
+           "doc_attention": args.doc_attention or "default",
+           "flex_options": str(args.flex_options or "default"), "inductor": args.inductor, "pack": tcfg.pack,
+           "micro_batch_tokens": tcfg.micro_batch_tokens,
            "world": rt.world, "steps": m["steps"], "ms_per_step": m["ms_per_step"], "tokens_per_s": tok_s,
            "flops_per_token": fpt, "mfu": round(fpt * tok_s / (PEAK_BF16 * rt.world), 4),
            "peak_memory_gib": m["peak_memory_gib"], "compile_seconds": m["compile_seconds"],
            "final_loss": m["final_train_loss"], "seed": tcfg.seed, "log_every": tcfg.log_every, "losses": trainer.losses, "gpu": m["gpu"],
            "graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"]}
     if args.profile and rt.master:
-        profile(trainer, args.profile)
+        for passes in sorted({0, trainer.model.max_passes}):
+            profile(trainer, args.profile, passes, args.trace)
     if rt.master:
         out = Path("bench/results")
         out.mkdir(parents=True, exist_ok=True)
