@@ -16,10 +16,12 @@ bench/results.json with --results.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -43,7 +45,8 @@ RECORD_ENV = {
 }
 LOG_EVERY = 5
 RECORD_VAL_SEQS = 524_288 // 8 // 2048  # its eval's batch on one GPU (VAL_BATCH_TOKENS / grad_accum_steps / 2048)
-PHASES = {"before loops": (10, 100), "after loops": (125, None)}  # step ranges timed (the loops switch at 35 %)
+# the step ranges timed, as fractions of the steps (the loops switch at 35 %): 10-100 and 125-300 of 300 steps
+PHASES = {"before loops": (1 / 30, 1 / 3), "after loops": (5 / 12, 1.0)}
 
 
 def dataset(mirror: Path) -> tuple[Path, Path]:
@@ -63,9 +66,15 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
            "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "standin"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
+    # a session of its own: stopping it stops its inductor compile workers too, which could otherwise go on compiling
+    # beside pgolf's side (call 63 cut the record inside a compile; pgolf's steps then slowed from 237 to 299 ms)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=log.parent)
-    timer = threading.Timer(timeout_s, proc.kill)
+                            text=True, cwd=log.parent, start_new_session=True)
+
+    def stop() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    timer = threading.Timer(timeout_s, stop)
     timer.start()
     lines = []
     with open(log, "w") as f:
@@ -74,7 +83,7 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
             f.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")
             f.flush()
             if re.match(r"^\d+/\d+ train_loss: (nan|inf)", line):
-                proc.kill()
+                stop()
     proc.wait()
     timer.cancel()
     if proc.returncode and proc.returncode not in (-9, -2):
@@ -109,11 +118,12 @@ def record_initial_state(script: Path, seed: int, preset: Path) -> dict:
 
 
 def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: int, save: Path | None,
-              doc_attention: str, init: dict | None = None) -> dict:
+              doc_attention: str, init: dict | None = None, flex_options: Path | None = None) -> dict:
     """pgolf's trainer on the mirror's shards with the preset's model and schedule, its document masks through
     `doc_attention` (a pgolf.attention backend); in this process. With `init`, training starts from these weights
     (record_initial_state) instead of pgolf's own draw from `seed`. With `save`, the trained weights (EMA) go there
-    for bench/eval_modes.py."""
+    for bench/eval_modes.py. With `flex_options`, FlexAttention's kernel options from that file (bench/doc_attention.py
+    --flex-grid)."""
     import torch
 
     from pgolf import attention, runtime
@@ -125,6 +135,8 @@ def run_pgolf(preset: Path, mirror: Path, steps: int, batch_tokens: int, seed: i
     from pgolf.train import Trainer
 
     attention.prefer(doc_attention)
+    if flex_options:
+        attention.tune_flex(json.loads(flex_options.read_text()))
     params = load_params(preset)
     cfg = replace(params.train, iterations=steps, max_seconds=0, calibration_reserve_s=0, batch_tokens=batch_tokens,
                   micro_batch_tokens=batch_tokens // 8, seed=seed, log_every=LOG_EVERY, val_every=0,
@@ -240,8 +252,9 @@ def record_targets(n_tokens: int, seq_len: int) -> int:
 def phase_rates(trace: list, batch_tokens: int, steps: int) -> dict:
     clock = {s: t for s, t, _ in trace}
     out = {}
-    for name, (a, b) in PHASES.items():
-        b = min(b or steps, max(clock, default=0))  # a run stopped early: its phase so far
+    for name, (fa, fb) in PHASES.items():
+        a = round(fa * steps / LOG_EVERY) * LOG_EVERY  # a logged step
+        b = min(round(fb * steps / LOG_EVERY) * LOG_EVERY, max(clock, default=0))  # a run stopped early: so far
         if a in clock and b >= a + 25:
             sec = (clock[b] - clock[a]) / (b - a)
             out[name] = {"ms_per_step": round(1000 * sec, 1), "tokens_per_s": round(batch_tokens / sec)}
@@ -306,6 +319,7 @@ def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
            "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed),
            "--pgolf-attention", args.pgolf_attention, "--pgolf-init", args.pgolf_init, "--record", str(args.record)]
     cmd += ["--save", str(args.save)] if args.save else []
+    cmd += ["--flex-options", str(args.flex_options)] if args.flex_options else []
     log = work / "record_parity_pgolf.log"
     with open(log, "w") as f:  # streamed: a side cut by the call's limit still leaves its log
         pgolf = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT) if args.concurrent else None
@@ -347,6 +361,8 @@ def main() -> None:
     ap.add_argument("--pgolf-init", choices=("seed", "record"), default="seed",
                     help="pgolf's initial weights: its own draw from --seed, or the record's (its script's own draw "
                          "from --seed: the two sides then differ in training alone)")
+    ap.add_argument("--flex-options", type=Path, help="pgolf's FlexAttention kernel options from this JSON file "
+                    "(bench/doc_attention.py --flex-grid)")
     ap.add_argument("--side", choices=("pgolf",), help=argparse.SUPPRESS)  # internal: one side in its own process
     args = ap.parse_args()
     if not (args.record_log and args.pgolf_log) and not (args.mirror and (args.record or args.side)):
@@ -358,7 +374,7 @@ def main() -> None:
     if args.side == "pgolf":
         init = record_initial_state(args.record, args.seed, args.preset) if args.pgolf_init == "record" else None
         print("PGOLF_RESULT " + json.dumps(run_pgolf(args.preset, args.mirror, args.steps, args.batch_tokens, args.seed,
-                                                     args.save, args.pgolf_attention, init)))
+                                                     args.save, args.pgolf_attention, init, args.flex_options)))
         return
     if args.record_log and args.pgolf_log:  # the two sides run in separate device calls, tabled here
         rec = parse_record(args.record_log.read_text(), args.steps, args.batch_tokens)
