@@ -4,12 +4,12 @@ A document mask lets a token attend only to earlier tokens of its own document (
 and at the start of a row), as the records train since 2026-04-10 (FlashAttention-3 varlen with cu_seqlens at
 every BOS). Backends, picked by what the host has:
 - `fa3`: FlashAttention-3 (`flash_attn_interface`), rows flattened into one packed sequence cut at cu_seqlens;
-- `flex`: FlexAttention with a block mask (CUDA without FA3): blocks no query can see are skipped;
+- `flex`: FlexAttention with a block mask (CUDA without FA3): blocks no query can see are skipped; its kernels in the
+  tiles FLEX_KERNEL_OPTIONS names where inductor's defaults were measured slower;
 - `varlen`: the packed sequence through PyTorch's own varlen attention (`torch.nn.attention.varlen`,
-  FlashAttention-2's kernels), a custom op torch.compile does not trace into. Its kernel alone is 11 % faster than
-  flex's (bench/doc_attention.py), but the record preset's step was 300 ms with it against 236 ms with flex on one
-  H200 (bench/NOTES.md, calls 35 and 37), its cu_seqlens then found on the GPU with a host sync per forward (now
-  on the host: not yet measured). Not picked by default;
+  FlashAttention-2's kernels), a custom op torch.compile does not trace into. Its kernel alone was 11 % faster than
+  flex's in inductor's tiles; flex's in the tuned ones are 1.04x (12 rows of 2048) to 1.20x (48 rows) faster than it
+  (bench/doc_attention.py, one H200). Not picked by default;
 - `dense`: SDPA with a boolean (B, 1, T, T) mask (CPU).
 Without a mask: FA3 if it imports, else SDPA, cuDNN first.
 """
@@ -41,6 +41,35 @@ class DocMask:
 
 
 _preferred: str | None = None  # set by prefer()
+
+# FlexAttention's kernel configs where inductor's defaults were measured slower (bench/doc_attention.py --flex-grid),
+# by (CUDA capability major, head dim, dtype); options prefixed fwd_ / bwd_ reach only that pass's kernel.
+# Hopper, head dim 64, bf16 (one H200, the record's 8 heads / 4 KV heads on the CaseOps mirror's documents): the
+# forward in 128 x 64 tiles instead of 128 x 128: 1.43x (1.253 -> 0.876 ms, 48 rows of 2048), 1.37x (12 rows); the
+# backward in 64 x 64 tiles with 4 warps instead of 64 x 128 / 128 x 64 with 8; forward + backward 1.19x (3.393 ->
+# 2.846 ms, 48 rows), 1.11x (12 rows); the record preset's training step 1.135x (bench/NOTES.md, session 42)
+FLEX_KERNEL_OPTIONS: dict[tuple[int, int, torch.dtype], dict] = {
+    (9, 64, torch.bfloat16): {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+                              "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                              "bwd_num_warps": 4, "bwd_num_stages": 4},
+}
+_flex_options: dict | None = None  # set by tune_flex()
+
+
+def tune_flex(options: dict | None) -> None:
+    """FlexAttention's kernel options from now on (a bench's candidate; {}: inductor's own); None: FLEX_KERNEL_OPTIONS."""
+    global _flex_options, _compiled_flex
+    _flex_options, _compiled_flex = options, None
+
+
+def flex_options(q: torch.Tensor) -> dict | None:
+    """The kernel options FlexAttention gets for q: tune_flex's, else FLEX_KERNEL_OPTIONS' for q's GPU, head dim and
+    dtype, else None (inductor's own)."""
+    if _flex_options is not None:
+        return _flex_options or None
+    if not q.is_cuda:
+        return None
+    return FLEX_KERNEL_OPTIONS.get((torch.cuda.get_device_capability(q.device)[0], q.size(-1), q.dtype))
 
 
 def prefer(backend: str | None) -> None:
@@ -151,11 +180,12 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    options = flex_options(q)
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
 
 
 _varlen: tuple[Callable | None, frozenset] | None = None  # PyTorch's varlen attention and its argument names

@@ -259,6 +259,42 @@ def test_a_preferred_document_mask_backend_holds_on_cuda_only_until_reset():
     assert attention.default_backend(cuda) == default
 
 
+def test_flex_gets_the_tuned_tiles_on_their_gpu_and_a_benchs_candidate_until_reset(monkeypatch):
+    """FLEX_KERNEL_OPTIONS reaches FlexAttention for the GPU, head dim and dtype it was measured on, and nothing else;
+    its tiles fit the block mask's 128-token blocks and the kernels' static asserts (a tile that does not divide
+    a block is refused when flex compiles, on the GPU only); tune_flex's candidate replaces it until reset."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import flex_attention as flex_module
+
+    block = 128  # block_mask's default
+    for (_, head_dim, _), opts in attention.FLEX_KERNEL_OPTIONS.items():
+        assert block % opts["fwd_BLOCK_M"] == 0 and block % opts["fwd_BLOCK_N"] == 0
+        assert all(block % opts[f"bwd_BLOCK_{t}"] == 0 for t in ("M1", "N1", "M2", "N2"))
+        assert opts["bwd_BLOCK_N1"] % opts["bwd_BLOCK_M1"] == 0 and opts["bwd_BLOCK_M2"] % opts["bwd_BLOCK_N2"] == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def gpu_q(head_dim, dtype):
+        return SimpleNamespace(is_cuda=True, device="cuda:0", dtype=dtype, size=lambda dim: head_dim)
+    tuned = attention.FLEX_KERNEL_OPTIONS[(9, 64, torch.bfloat16)]
+    assert attention.flex_options(gpu_q(64, torch.bfloat16)) is tuned
+    assert attention.flex_options(gpu_q(128, torch.bfloat16)) is None  # not measured: inductor's own
+    assert attention.flex_options(gpu_q(64, torch.float32)) is None
+    seen = []
+    monkeypatch.setattr(flex_module, "flex_attention", lambda *a, **kw: seen.append(kw["kernel_options"]) or a[0])
+    q = torch.randn(1, 2, 128, 8)
+    mask = attention.block_mask(torch.ones(1, 128, dtype=torch.long))
+    candidate = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
+    try:
+        for options in (candidate, {}):
+            attention.tune_flex(options)
+            attention._flex(q, q, q, mask)
+    finally:
+        attention.tune_flex(None)
+    attention._flex(q, q, q, mask)
+    assert seen == [candidate, None, None]  # {}: inductor's own tiles; then the table's, none on the CPU
+
+
 def test_the_parity_bench_scores_the_records_eval_contexts_each_as_if_alone(monkeypatch):
     """bench/record_parity.py's like-for-like val row scores pgolf's model in the record's eval contexts: its batches
     of 32 windows' worth of inputs, cut at every BOS, every seq_len tokens from a document's start and at each batch's
