@@ -57,9 +57,10 @@ def dataset(mirror: Path) -> tuple[Path, Path]:
 
 
 def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: int, log: Path,
-               timeout_s: float) -> dict:
-    """The record script to its pre-quantization eval (PREQUANT_ONLY); each output line logged with the seconds since
-    start. Past `timeout_s` it is stopped and what it logged so far is returned (`finished` false)."""
+               timeout_s: float, speed_only: bool = False) -> dict:
+    """The record script to its pre-quantization eval (PREQUANT_ONLY), or with `speed_only` to its last training step
+    (its eval's compiles skipped); each output line logged with the seconds since start. Past `timeout_s` it is stopped
+    and what it logged so far is returned (`finished` false)."""
     data, tok = dataset(mirror)
     env = {**os.environ, **RECORD_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "ITERATIONS": str(steps),
            "TRAIN_BATCH_TOKENS": str(batch_tokens), "TRAIN_LOG_EVERY": str(LOG_EVERY), "SEED": str(seed),
@@ -82,7 +83,7 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
             lines.append(line)
             f.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")
             f.flush()
-            if re.match(r"^\d+/\d+ train_loss: (nan|inf)", line):
+            if re.match(r"^\d+/\d+ train_loss: (nan|inf)", line) or (speed_only and line.startswith(f"{steps}/{steps} ")):
                 stop()
     proc.wait()
     timer.cancel()
@@ -324,7 +325,7 @@ def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
     with open(log, "w") as f:  # streamed: a side cut by the call's limit still leaves its log
         pgolf = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT) if args.concurrent else None
         rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
-                         work / "record_parity_record.log", args.budget_s)
+                         work / "record_parity_record.log", args.budget_s, args.speed_only)
         print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped)"), flush=True)
         pgolf = pgolf or subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         code = pgolf.wait()
@@ -351,6 +352,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop the record script after this many seconds")
     ap.add_argument("--pgolf-attention", choices=("varlen", "flex"), default="varlen",
                     help="pgolf's document-masked attention: the stand-in's kernel (varlen), or its default (flex)")
+    ap.add_argument("--speed-only", action="store_true", help="stop the record script at its last training step: "
+                    "no val bpb on its side, but its eval's compiles (minutes on a fresh machine) are not waited for")
     ap.add_argument("--concurrent", action="store_true",
                     help="both sides at once (losses and val bpb only: each slows the other, no speed rows)")
     ap.add_argument("--save", type=Path, help="write pgolf's trained weights here (bench/eval_modes.py reads them)")
