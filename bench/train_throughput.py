@@ -43,6 +43,20 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     return 6 * matmul + 6 * layers * seq_len * cfg.dim
 
 
+# kernel name -> the row of the profile's breakdown it is counted in (the first that matches; the rest: "other")
+KERNEL_ROWS = (("flex backward", lambda n: n.startswith("triton_tem") and "flex_attention_backward" in n),
+               ("flex forward", lambda n: n.startswith("triton_tem") and "flex_attention" in n),
+               ("matmuls", lambda n: n.startswith(("nvjet", "sm90_", "sm80_", "ampere_")) or "gemm" in n or "cutlass" in n))
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]], steps: int) -> dict[str, float]:
+    """Device ms per step by KERNEL_ROWS, from (kernel name, microseconds) pairs."""
+    rows = dict.fromkeys([name for name, _ in KERNEL_ROWS] + ["other"], 0.0)
+    for name, us in kernels:
+        rows[next((row for row, match in KERNEL_ROWS if match(name)), "other")] += us / 1e3 / steps
+    return rows
+
+
 def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
     """Top device kernels over a few more steps with `passes` recurrent passes running, and how much of the wall time
     the GPU was busy; with `trace`, the steps' timeline as a gzipped Chrome trace at trace_p<passes>.json.gz."""
@@ -66,15 +80,21 @@ def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
         trainer._sync()
     wall = time.perf_counter() - t0
     events = prof.key_averages()
-    # device-side events only (as the table's "Self CUDA time total"): each aten op also carries its kernels'
-    # time, and the optimizer annotations span kernels already counted
-    busy = sum(e.self_device_time_total for e in events
-               if e.device_type != DeviceType.CPU and not e.key.startswith("optimizer.")) / 1e6
+    # the kernels alone: an aten op's row also carries its kernels' time, the optimizer annotations span kernels
+    # already counted, and "Command Buffer Full" is the host waiting, not the device working
+    kernels = [(e.name, e.device_time_total) for e in prof.events()
+               if e.device_type == DeviceType.CUDA and e.name != "Command Buffer Full"]
+    busy = sum(us for _, us in kernels) / 1e6
     print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=160))
     for e in events:
         if e.key.startswith("optimizer."):
             print(f"{e.key}: host {e.cpu_time_total / steps / 1e3:.2f} ms/step, "
                   f"device {e.device_time_total / steps / 1e3:.2f} ms/step")
+        elif e.key.startswith("pgolf::"):  # custom ops: their dispatch and launch, once per layer and micro-batch
+            print(f"{e.key}: host {e.cpu_time_total / e.count:.0f} us a call, {e.count / steps:.0f} calls a step")
+    rows = kernel_breakdown(kernels, steps)
+    print(f"kernels: {len(kernels) / steps:.0f} a step; device ms a step: "
+          + ", ".join(f"{row} {ms:.1f}" for row, ms in rows.items()))
     if trace:
         prof.export_chrome_trace(f"{trace}_p{passes}.json.gz")
     print(f"profile: {steps} steps, {passes} passes, wall {wall / steps * 1000:.1f} ms/step, device busy {busy / steps * 1000:.1f} ms/step "
