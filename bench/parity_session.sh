@@ -15,7 +15,8 @@
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
 #   ATTENTION=0 SPEED_ONLY=1 PGOLF_ATTENTION=flex PGOLF_INIT=record RECORD_S=420 bash bench/parity_session.sh
 #     (SPEED_ONLY: the record script stopped at its last training step, its eval's compiles not waited for: no val
-#     bpb on its side, and a fresh machine's parity call fits 600 s)
+#     bpb on its side, and a fresh machine's parity call fits 600 s; BATCH=786432 STEPS=100: a rank's micro-batch on 8
+#     GPUs, 98,304 tokens, instead of 24,576)
 #   PARITY=0 ATTENTION=0 EVAL=1 EVAL_S=400 EVAL_ARGS="--cuda-graphs --cheaper 96x2048 96x1024" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 PGOLF_ATTENTION=flex SPREAD="43 44 45" bash bench/parity_session.sh
@@ -27,14 +28,14 @@ MIRROR=.carry/caseops_mirror
 # pgolf's side alone (bench/record_parity.py --side pgolf), with the session's attention, init and preset changes
 pgolf_side() {
   # shellcheck disable=SC2086
-  python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens 196608 \
+  python3 bench/record_parity.py --side pgolf --mirror $MIRROR --steps "${STEPS:-300}" --batch-tokens "${BATCH:-196608}" \
     --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --record .carry/record/train_gpt.py \
     ${PGOLF_SET:+--set $PGOLF_SET} "$@"
 }
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
-  --steps "${STEPS:-300}" --batch-tokens 196608 --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
+  --steps "${STEPS:-300}" --batch-tokens "${BATCH:-196608}" --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
   --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --out "$OUT/record_parity.json" \
   ${CONCURRENT:+--concurrent} ${SPEED_ONLY:+--speed-only} \
   ${PGOLF_SET:+--set $PGOLF_SET} 2>&1 | tail -40
