@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch._dynamo.utils import counters
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name an older pgolf to compare
@@ -57,11 +58,9 @@ def kernel_breakdown(kernels: list[tuple[str, float]], steps: int) -> dict[str, 
     return rows
 
 
-def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
-    """Top device kernels over a few more steps with `passes` recurrent passes running, and how much of the wall time
-    the GPU was busy; with `trace`, the steps' timeline as a gzipped Chrome trace at trace_p<passes>.json.gz."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, record_function
+def label_optimizers(trainer: Trainer) -> None:
+    """Each optimizer's step as a profiler row of its own, labelled once for all the profiled phases."""
+    from torch.profiler import record_function
 
     def labelled(step, name):
         def run():
@@ -69,8 +68,16 @@ def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
                 step()
         return run
 
-    for opt in trainer.opts:  # optimizer time shows as its own row
+    for opt in trainer.opts:
         opt.step = labelled(opt.step, f"optimizer.{type(opt).__name__}")
+
+
+def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
+    """Top device kernels over a few more steps with `passes` recurrent passes running, and how much of the wall time
+    the GPU was busy; with `trace`, the steps' timeline as a gzipped Chrome trace at trace_p<passes>.json.gz."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
     trainer.model.passes = passes
     trainer._sync()
     t0 = time.perf_counter()
@@ -130,8 +137,7 @@ def main() -> None:
     import torch._inductor.config  # noqa: F401 - the attribute exists once imported
     for setting in args.inductor:
         key, value = setting.split("=", 1)
-        setattr(torch._inductor.config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
-                else type(getattr(torch._inductor.config, key))(value))
+        setattr(torch._inductor.config, key, yaml.safe_load(value))  # True, 1, 0.5 or a string, as written
     if args.flex_options:
         attention.tune_flex(json.loads(args.flex_options.read_text()))
     if args.config == "baseline":
@@ -163,6 +169,7 @@ def main() -> None:
            "final_loss": m["final_train_loss"], "seed": tcfg.seed, "log_every": tcfg.log_every, "losses": trainer.losses, "gpu": m["gpu"],
            "graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"]}
     if args.profile and rt.master:
+        label_optimizers(trainer)
         for passes in sorted({0, trainer.model.max_passes}):
             profile(trainer, args.profile, passes, args.trace)
     if rt.master:
