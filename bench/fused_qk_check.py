@@ -47,6 +47,7 @@ def model_check() -> dict:
             p.add_(0.02 * torch.randn_like(p))  # zero-initialized projections would hide the attention path
     idx, tgt = torch.randint(0, 1024, (2, 8, 1024), device="cuda")
     runs = {}
+    fused_qk.define_compiled_ops()
     for label, fused, compile in (("torch eager", False, False), ("torch compiled", False, True),
                                   ("fused compiled", True, True)):
         fused_qk.enabled = fused

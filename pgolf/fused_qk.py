@@ -7,6 +7,7 @@ Inductor made six passes for the backward. `model.qk_norm_rope` is the definitio
 tests hold this to; the kernels run wherever Triton does (on CPU under TRITON_INTERPRET=1).
 """
 
+import functools
 import os
 
 import torch
@@ -142,55 +143,35 @@ def _new_qkv(qkv: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor
     return tuple(qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
 
 
+def _eager(kernel):
+    return kernel
+
+
 def _launch_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                    heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    heads: int, kv_heads: int, wrap=_eager) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`wrap`: `torch.library.wrap_triton` inside a triton_op (the launch traced into inductor's graph)."""
     B, T, _ = qkv.shape
     q, k, v = _new_qkv(qkv, heads, kv_heads)
-    _fwd_kernel[_grid(B * T, heads, kv_heads)](
+    wrap(_fwd_kernel)[_grid(B * T, heads, kv_heads)](
         qkv, cos, sin, gain, q, k, v, B * T, T, EPS, H=heads, KV=kv_heads, **_blocks(q.size(-1), cos.size(-1)),
         num_warps=NUM_WARPS)
     return q, k, v
 
 
 def _launch_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, gain: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     sin: torch.Tensor, gain: torch.Tensor, heads: int, kv_heads: int,
+                     wrap=_eager) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, W = qkv.shape
     D = W // (heads + 2 * kv_heads)
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
     grid = _grid(B * T, heads, kv_heads)
     dqkv = torch.empty_like(qkv)
     dgain_parts = torch.empty(grid[0], heads + kv_heads, device=qkv.device, dtype=torch.float32)
-    _bwd_kernel[grid](
+    wrap(_bwd_kernel)[grid](
         dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, B * T, T, EPS,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)), num_warps=NUM_WARPS)
     return dqkv, dgain_parts[:, :heads].sum(0).to(gain.dtype)
-
-
-# Under torch.compile the kernels are custom ops, opaque to the tracer. Outside it they run from an autograd
-# Function: a custom op's first call imports dynamo and inductor (4-6 s on the GPU host), which a stage that only
-# evaluates the model would pay for nothing.
-@torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=())
-def _qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                  heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_forward(qkv, cos, sin, gain, heads, kv_heads)
-
-
-@_qk_norm_rope.register_fake
-def _(qkv, cos, sin, gain, heads, kv_heads):
-    return _new_qkv(qkv, heads, kv_heads)
-
-
-@torch.library.custom_op("pgolf::qk_norm_rope_backward", mutates_args=())
-def _qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
-                           cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                           heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward(dq, dk, dv, qkv, cos, sin, gain, heads, kv_heads)
-
-
-@_qk_norm_rope_backward.register_fake
-def _(dq, dk, dv, qkv, cos, sin, gain, heads, kv_heads):
-    return torch.empty_like(qkv), torch.empty_like(gain)
 
 
 def _setup_context(ctx, inputs, output):
@@ -199,13 +180,29 @@ def _setup_context(ctx, inputs, output):
     ctx.heads, ctx.kv_heads = heads, kv_heads
 
 
-def _backward(ctx, dq, dk, dv):
-    qkv, cos, sin, gain = ctx.saved_tensors
-    dqkv, dgain = _qk_norm_rope_backward(dq, dk, dv, qkv, cos, sin, gain, ctx.heads, ctx.kv_heads)
-    return dqkv, None, None, dgain, None, None
+@functools.cache
+def define_compiled_ops() -> None:
+    """Defines torch.ops.pgolf.qk_norm_rope (and its backward), which a compiled model calls: triton ops, whose
+    kernel launches inductor traces into its own graph and makes from its generated code (as custom ops they cost
+    ~0.3 ms of host time a call in Python dispatch and Triton's launcher, 272 calls a step at micro-batch 24,576).
+    Call it before torch.compile of a model; outside compile the kernels run from an autograd Function. Not done at
+    import: defining an op imports dynamo (~1 s), which a stage that only evaluates the model would pay for nothing."""
+    @torch.library.triton_op("pgolf::qk_norm_rope", mutates_args=())
+    def forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
+                heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _launch_forward(qkv, cos, sin, gain, heads, kv_heads, torch.library.wrap_triton)
 
+    @torch.library.triton_op("pgolf::qk_norm_rope_backward", mutates_args=())
+    def backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, gain: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch_backward(dq, dk, dv, qkv, cos, sin, gain, heads, kv_heads, torch.library.wrap_triton)
 
-_qk_norm_rope.register_autograd(_backward, setup_context=_setup_context)
+    def grads(ctx, dq, dk, dv):
+        qkv, cos, sin, gain = ctx.saved_tensors
+        dqkv, dgain = backward(dq, dk, dv, qkv, cos, sin, gain, ctx.heads, ctx.kv_heads)
+        return dqkv, None, None, dgain, None, None
+
+    forward.register_autograd(grads, setup_context=_setup_context)
 
 
 class _EagerQKNormRope(torch.autograd.Function):
@@ -225,5 +222,5 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_gain
                  heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, (heads + 2 kv_heads) D) qkv rows -> q, k, v as (B, T, heads or kv_heads, D): q and k RMS-normed
     per head, rotated by the (T, rd) cos/sin tables, q times q_gain per head."""
-    op = _qk_norm_rope if torch.compiler.is_compiling() else _EagerQKNormRope.apply
+    op = torch.ops.pgolf.qk_norm_rope if torch.compiler.is_compiling() else _EagerQKNormRope.apply
     return op(qkv.contiguous(), cos.contiguous(), sin.contiguous(), q_gain, heads, kv_heads)

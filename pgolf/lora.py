@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import fused_qk
 from .config import EvalConfig, TTTConfig
 from .data import ValSplit
 from .model import GPT, CastedLinear, autocast
@@ -149,6 +150,8 @@ class LoraTTT:
         self.fused = self.FUSE and cfg.temperature == 1.0
         # one graph for every batch size and window length (dynamic), one per temperature and train/eval mode
         options, self.pad_window, regional = COMPILE_MODES[t.compile_mode]
+        if t.compile:
+            fused_qk.define_compiled_ops()
         compiled = lambda f: torch.compile(f, dynamic=True, backend=self.COMPILE_BACKEND, **options)  # noqa: E731
         self.nll = compiled(model.token_nll) if t.compile and not regional else model.token_nll
         # regional: each block, and the head with its loss; the model's loop, embeddings and pass hook stay eager

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import optim
+from . import fused_qk, optim
 from .checkpoint import load_tensors, save_tensors
 from .attention import document_mask
 from .config import ModelConfig, TrainConfig
@@ -103,6 +103,8 @@ class Trainer:
         self.model = GPT(mcfg).to(rt.device)
         self.model.tok_emb.to(EMBED_DTYPES[cfg.embed_dtype])
         self.model.set_fp8(cfg.fp8)
+        if cfg.compile:
+            fused_qk.define_compiled_ops()
         self.step_model = (torch.compile(self.model, dynamic=False, **COMPILE_MODES[cfg.compile_mode]) if cfg.compile
                            else self.model)
         # with a rank-scoped clip the ranks average the gradients themselves after it: no DDP (nor the graph splits
