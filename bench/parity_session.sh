@@ -14,6 +14,7 @@
 # docs corpus in .carry/caseops_mirror/ (`pgolf mirror --caseops`). Writes under $OUT.
 #   ATTENTION=0 CONCURRENT=1 PGOLF_ATTENTION=flex RECORD_S=570 bash bench/parity_session.sh
 #   ATTENTION=0 SPEED_ONLY=1 PGOLF_ATTENTION=flex PGOLF_INIT=record RECORD_S=420 bash bench/parity_session.sh
+#     (PGOLF_FIRST=1: pgolf's side first, the record's cold compiles last)
 #     (SPEED_ONLY: the record script stopped at its last training step, its eval's compiles not waited for: no val
 #     bpb on its side, and a fresh machine's parity call fits 600 s; BATCH=786432 STEPS=100: a rank's micro-batch on 8
 #     GPUs, 98,304 tokens, instead of 24,576)
@@ -33,11 +34,15 @@ pgolf_side() {
     ${PGOLF_SET:+--set $PGOLF_SET} "$@"
 }
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
+# the GPU's clocks, temperature, power and throttle reasons every 2 s: a call whose steps all run slow shows why
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+  --format=csv -l 2 > "$OUT/gpu_clocks.csv" 2>&1 &
+trap 'kill $! 2>/dev/null' EXIT
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
   --steps "${STEPS:-300}" --batch-tokens "${BATCH:-196608}" --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
   --pgolf-attention "${PGOLF_ATTENTION:-varlen}" --pgolf-init "${PGOLF_INIT:-seed}" --out "$OUT/record_parity.json" \
-  ${CONCURRENT:+--concurrent} ${SPEED_ONLY:+--speed-only} \
+  ${CONCURRENT:+--concurrent} ${SPEED_ONLY:+--speed-only} ${PGOLF_FIRST:+--pgolf-first} \
   ${PGOLF_SET:+--set $PGOLF_SET} 2>&1 | tail -40
 if [ -n "${SPREAD:-}" ]; then
   # pgolf's side alone from each seed of SPREAD, all at once: the spread a different initial draw makes

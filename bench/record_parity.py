@@ -313,8 +313,8 @@ def pgolf_result(out: str) -> dict:
 
 
 def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The record script, then pgolf's trainer in a process of its own, on one GPU (with --concurrent, both at once:
-    the losses and val bpb are the same, the seconds are not each side's own)."""
+    """The record script, then pgolf's trainer in a process of its own, on one GPU (with --pgolf-first the other way
+    round; with --concurrent, both at once: the losses and val bpb are the same, the seconds are not each side's own)."""
     work = args.out.resolve().parent
     cmd = [sys.executable, __file__, "--side", "pgolf", "--mirror", str(args.mirror), "--preset", str(args.preset),
            "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed),
@@ -323,7 +323,9 @@ def run_both(args: argparse.Namespace) -> tuple[dict, dict]:
     cmd += ["--flex-options", str(args.flex_options)] if args.flex_options else []
     log = work / "record_parity_pgolf.log"
     with open(log, "w") as f:  # streamed: a side cut by the call's limit still leaves its log
-        pgolf = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT) if args.concurrent else None
+        pgolf = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT) if args.concurrent or args.pgolf_first else None
+        if args.pgolf_first:
+            pgolf.wait()
         rec = run_record(args.record.resolve(), args.mirror.resolve(), args.steps, args.batch_tokens, args.seed,
                          work / "record_parity_record.log", args.budget_s, args.speed_only)
         print(f"record script: {rec['wall_s']:.0f} s" + ("" if rec["finished"] else " (stopped)"), flush=True)
@@ -354,6 +356,8 @@ def main() -> None:
                     help="pgolf's document-masked attention: the stand-in's kernel (varlen), or its default (flex)")
     ap.add_argument("--speed-only", action="store_true", help="stop the record script at its last training step: "
                     "no val bpb on its side, but its eval's compiles (minutes on a fresh machine) are not waited for")
+    ap.add_argument("--pgolf-first", action="store_true", help="pgolf's side before the record's (a call cut by its limit "
+                    "in the record's cold compiles still has pgolf's side)")
     ap.add_argument("--concurrent", action="store_true",
                     help="both sides at once (losses and val bpb only: each slows the other, no speed rows)")
     ap.add_argument("--save", type=Path, help="write pgolf's trained weights here (bench/eval_modes.py reads them)")
