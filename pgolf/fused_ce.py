@@ -9,9 +9,11 @@ the target's logit move together, the loss does not. `GPT.forward`'s eager path 
 to; the kernels run wherever Triton does (on the CPU under TRITON_INTERPRET=1).
 """
 
+import functools
+
 import torch
 
-from .fused_qk import INTERPRET, triton
+from .fused_qk import INTERPRET, triton, unwrapped
 
 if triton is not None:
     import triton.language as tl
@@ -60,45 +62,22 @@ if triton is not None:
             tl.store(dst + cols, (g * p * 4.0 * sg * (1.0 - sg)).to(dst.dtype.element_ty), mask=cols < V)
 
 
-def _launch_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
+                    wrap=unwrapped) -> tuple[torch.Tensor, torch.Tensor]:
     N, V = logits.shape
     losses = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(losses)
-    _fwd_kernel[(N,)](logits, targets, losses, lse, logits.stride(0), V, softcap, BLOCK=BLOCK_V, num_warps=NUM_WARPS)
+    wrap(_fwd_kernel)[(N,)](logits, targets, losses, lse, logits.stride(0), V, softcap, BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     return losses, lse
 
 
 def _launch_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                     softcap: float) -> torch.Tensor:
+                     softcap: float, wrap=unwrapped) -> torch.Tensor:
     N, V = logits.shape
     dlogits = torch.empty_like(logits)
-    _bwd_kernel[(N,)](logits, targets, lse, grad.contiguous(), dlogits, logits.stride(0), V, softcap, BLOCK=BLOCK_V,
+    wrap(_bwd_kernel)[(N,)](logits, targets, lse, grad.contiguous(), dlogits, logits.stride(0), V, softcap, BLOCK=BLOCK_V,
                       num_warps=NUM_WARPS)
     return dlogits
-
-
-# As in fused_qk: custom ops under torch.compile, an autograd Function outside it (a custom op's first call imports
-# dynamo and inductor).
-@torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
-def _softcapped_ce(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(logits, targets, softcap)
-
-
-@_softcapped_ce.register_fake
-def _(logits, targets, softcap):
-    n = logits.size(0)
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
-
-
-@torch.library.custom_op("pgolf::softcapped_ce_backward", mutates_args=())
-def _softcapped_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                            softcap: float) -> torch.Tensor:
-    return _launch_backward(logits, targets, lse, grad, softcap)
-
-
-@_softcapped_ce_backward.register_fake
-def _(logits, targets, lse, grad, softcap):
-    return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,12 +86,24 @@ def _setup_context(ctx, inputs, output):
     ctx.softcap = softcap
 
 
-def _backward(ctx, grad, _grad_lse):
-    logits, targets, lse = ctx.saved_tensors
-    return _softcapped_ce_backward(logits, targets, lse, grad, ctx.softcap), None, None
+@functools.cache
+def define_compiled_ops() -> None:
+    """Defines torch.ops.pgolf.softcapped_ce (and its backward), which a compiled model calls: triton ops, launched
+    from inductor's generated code, as in fused_qk (and deferred to the compile for the same reason)."""
+    @torch.library.triton_op("pgolf::softcapped_ce", mutates_args=())
+    def forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch_forward(logits, targets, softcap, torch.library.wrap_triton)
 
+    @torch.library.triton_op("pgolf::softcapped_ce_backward", mutates_args=())
+    def backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                 softcap: float) -> torch.Tensor:
+        return _launch_backward(logits, targets, lse, grad, softcap, torch.library.wrap_triton)
 
-_softcapped_ce.register_autograd(_backward, setup_context=_setup_context)
+    def grads(ctx, grad, _grad_lse):
+        logits, targets, lse = ctx.saved_tensors
+        return backward(logits, targets, lse, grad, ctx.softcap), None, None
+
+    forward.register_autograd(grads, setup_context=_setup_context)
 
 
 class _EagerSoftcappedCE(torch.autograd.Function):
@@ -131,5 +122,5 @@ class _EagerSoftcappedCE(torch.autograd.Function):
 
 def softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
     """Per-row cross-entropy (nats) of softcap · tanh(logits / softcap) against targets; logits (N, V) raw."""
-    op = _softcapped_ce if torch.compiler.is_compiling() else _EagerSoftcappedCE.apply
+    op = torch.ops.pgolf.softcapped_ce if torch.compiler.is_compiling() else _EagerSoftcappedCE.apply
     return op(logits.contiguous(), targets.contiguous(), float(softcap))[0]

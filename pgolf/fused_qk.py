@@ -143,13 +143,13 @@ def _new_qkv(qkv: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor
     return tuple(qkv.new_empty(B, T, n, D) for n in (heads, kv_heads, kv_heads))
 
 
-def _eager(kernel):
+def unwrapped(kernel):
+    """A kernel launched as it is (outside a triton op; inside one, `torch.library.wrap_triton` wraps it)."""
     return kernel
 
 
 def _launch_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor,
-                    heads: int, kv_heads: int, wrap=_eager) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`wrap`: `torch.library.wrap_triton` inside a triton_op (the launch traced into inductor's graph)."""
+                    heads: int, kv_heads: int, wrap=unwrapped) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, _ = qkv.shape
     q, k, v = _new_qkv(qkv, heads, kv_heads)
     wrap(_fwd_kernel)[_grid(B * T, heads, kv_heads)](
@@ -160,7 +160,7 @@ def _launch_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gai
 
 def _launch_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, gain: torch.Tensor, heads: int, kv_heads: int,
-                     wrap=_eager) -> tuple[torch.Tensor, torch.Tensor]:
+                     wrap=unwrapped) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, W = qkv.shape
     D = W // (heads + 2 * kv_heads)
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))

@@ -40,10 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import fused_qk
 from .config import EvalConfig, TTTConfig
 from .data import ValSplit
-from .model import GPT, CastedLinear, autocast
+from .model import GPT, CastedLinear, autocast, define_compiled_ops
 from .registry import Registry
 from .runtime import all_sum, average_grads, rank_world
 from .score import Score, Scorer
@@ -151,7 +150,7 @@ class LoraTTT:
         # one graph for every batch size and window length (dynamic), one per temperature and train/eval mode
         options, self.pad_window, regional = COMPILE_MODES[t.compile_mode]
         if t.compile:
-            fused_qk.define_compiled_ops()
+            define_compiled_ops()
         compiled = lambda f: torch.compile(f, dynamic=True, backend=self.COMPILE_BACKEND, **options)  # noqa: E731
         self.nll = compiled(model.token_nll) if t.compile and not regional else model.token_nll
         # regional: each block, and the head with its loss; the model's loop, embeddings and pass hook stay eager

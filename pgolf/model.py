@@ -45,6 +45,12 @@ def leaky_relu2(h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.leaky_relu(h, cfg.leaky_slope).square()
 
 
+def define_compiled_ops() -> None:
+    """The fused kernels' triton ops, which a compiled GPT calls: before torch.compile of the model or its parts."""
+    fused_qk.define_compiled_ops()
+    fused_ce.define_compiled_ops()
+
+
 def activation_dtype(device: torch.device) -> torch.dtype:
     """The residual stream's dtype: autocast's (bf16 on CUDA) when it is on, else fp32."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32

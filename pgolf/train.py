@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fused_qk, optim
+from . import optim
 from .checkpoint import load_tensors, save_tensors
 from .attention import document_mask
 from .config import ModelConfig, TrainConfig
 from .data import TrainLoader, shard_paths
 from .errors import PgolfError
-from .model import GPT, autocast
+from .model import GPT, autocast, define_compiled_ops
 from .registry import Registry
 from .runtime import Runtime, all_max, average_grads, gpu_name
 
@@ -104,7 +104,7 @@ class Trainer:
         self.model.tok_emb.to(EMBED_DTYPES[cfg.embed_dtype])
         self.model.set_fp8(cfg.fp8)
         if cfg.compile:
-            fused_qk.define_compiled_ops()
+            define_compiled_ops()
         self.step_model = (torch.compile(self.model, dynamic=False, **COMPILE_MODES[cfg.compile_mode]) if cfg.compile
                            else self.model)
         # with a rank-scoped clip the ranks average the gradients themselves after it: no DDP (nor the graph splits

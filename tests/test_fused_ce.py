@@ -16,18 +16,22 @@ SCRIPT = textwrap.dedent("""
     from pgolf.model import GPT
 
     torch.manual_seed(0)
+    fused_ce.define_compiled_ops()
     # rows of a vocabulary that is no multiple of the block (and one that spans several), large logits near the cap
     for N, V, softcap, scale in [(7, 320, 30.0, 1.0), (5, 2500, 15.0, 40.0), (3, 8192, 30.0, 10.0)]:
         raw = (scale * torch.randn(N, V)).requires_grad_()
         targets = torch.randint(0, V, (N,))
-        fused = fused_ce.softcapped_cross_entropy(raw, targets, softcap)
         eager = F.cross_entropy(softcap * torch.tanh(raw / softcap), targets, reduction="none")
         w = torch.rand(N)
-        g_fused, = torch.autograd.grad((fused * w).sum(), raw)
         g_eager, = torch.autograd.grad((eager * w).sum(), raw)
-        torch.testing.assert_close(fused, eager, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(g_fused, g_eager, atol=1e-6, rtol=1e-4)
-        assert g_fused.abs().max() > 1e-3
+        # the autograd Function outside compile, and the triton op a compiled graph calls (its autograd and backward
+        # op; run eagerly: the interpreter's kernels can't be traced, bench/fused_ce_check.py compiles it on a GPU)
+        for fused in (fused_ce.softcapped_cross_entropy(raw, targets, softcap),
+                      torch.ops.pgolf.softcapped_ce(raw, targets, softcap)[0]):
+            g_fused, = torch.autograd.grad((fused * w).sum(), raw)
+            torch.testing.assert_close(fused, eager, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(g_fused, g_eager, atol=1e-6, rtol=1e-4)
+            assert g_fused.abs().max() > 1e-3
 
     # the model's training loss and every gradient, fused and eager
     fused_against_eager(GPT(tiny_model(logit_softcap=20.0)), fused_ce, scale=0.1, atol=2e-6)
