@@ -16,21 +16,19 @@ bench/results.json with --results.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from anchor import run_anchor  # noqa: E402
 
 # The record's training-side settings (its README's command); the rest are the script's defaults. WARMUP_STEPS is
 # 0, not the README's 20: its warm-up only compiles (every cu_seqlens bucket, loops off and on: 8 full compiles) and
@@ -62,34 +60,13 @@ def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: 
     (its eval's compiles skipped); each output line logged with the seconds since start. Past `timeout_s` it is stopped
     and what it logged so far is returned (`finished` false)."""
     data, tok = dataset(mirror)
-    env = {**os.environ, **RECORD_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "ITERATIONS": str(steps),
+    env = {**RECORD_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tok), "ITERATIONS": str(steps),
            "TRAIN_BATCH_TOKENS": str(batch_tokens), "TRAIN_LOG_EVERY": str(LOG_EVERY), "SEED": str(seed),
-           "ARTIFACT_DIR": str(log.parent / "record_artifacts"), "PYTHONUNBUFFERED": "1",
+           "ARTIFACT_DIR": str(log.parent / "record_artifacts"),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "standin"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    # a session of its own: stopping it stops its inductor compile workers too, which could otherwise go on compiling
-    # beside pgolf's side (call 63 cut the record inside a compile; pgolf's steps then slowed from 237 to 299 ms)
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=log.parent, start_new_session=True)
-
-    def stop() -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    timer = threading.Timer(timeout_s, stop)
-    timer.start()
-    lines = []
-    with open(log, "w") as f:
-        for line in proc.stdout:
-            lines.append(line)
-            f.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")
-            f.flush()
-            if re.match(r"^\d+/\d+ train_loss: (nan|inf)", line) or (speed_only and line.startswith(f"{steps}/{steps} ")):
-                stop()
-    proc.wait()
-    timer.cancel()
-    if proc.returncode and proc.returncode not in (-9, -2):
-        print(f"record script failed ({proc.returncode}); its log: {log}\n{''.join(lines)[-3000:]}", flush=True)
-    return parse_record("".join(lines), steps, batch_tokens) | {"wall_s": time.perf_counter() - t0}
+    out, _, seconds = run_anchor(script, env, log, timeout_s, lambda line: bool(
+        re.match(r"^\d+/\d+ train_loss: (nan|inf)", line) or (speed_only and line.startswith(f"{steps}/{steps} "))))
+    return parse_record(out, steps, batch_tokens) | {"wall_s": seconds}
 
 
 def parse_record(out: str, steps: int, batch_tokens: int) -> dict:
