@@ -22,6 +22,9 @@
 #   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 PGOLF_ATTENTION=flex SPREAD="43 44 45" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 SCALE=1 bash bench/parity_session.sh       (kind nvidia-h200-x2)
+#   ATTENTION=0 PARITY=0 CHECKS="bench/fused_ce_check.py" UPSTREAM=1 bash bench/parity_session.sh
+#     (CHECKS: these scripts first; UPSTREAM=1: upstream's train_gpt.py, carried in .carry/upstream/, beside the
+#     baseline config on a vocabulary-1024 mirror in .carry/sp1024_mirror/, bench/upstream_ratio.py)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -38,6 +41,7 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
   --format=csv -l 2 > "$OUT/gpu_clocks.csv" 2>&1 &
 trap 'kill $! 2>/dev/null' EXIT
+for check in ${CHECKS:-}; do echo "=== $check"; timeout 300 python3 "$check" 2>&1 | tail -12; done
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
   --steps "${STEPS:-300}" --batch-tokens "${BATCH:-196608}" --budget-s "${RECORD_S:-380}" --save bench/results/parity_ckpt.pt \
@@ -102,4 +106,8 @@ if [ "${SCALE:-0}" = 1 ]; then
   cp bench/results/train_throughput_record_scale_w*.json "$OUT/" 2>/dev/null
   python3 -c "import json; w1, w2 = (json.load(open(f'bench/results/train_throughput_record_scale_w{n}.json'))['tokens_per_s']
 for n in (1, 2)); print(f'scaling efficiency on 2 GPUs: {w2 / (2 * w1):.1%} ({w2:,.0f} vs 2 x {w1:,.0f} tokens/s)')"
+fi
+if [ "${UPSTREAM:-0}" = 1 ]; then
+  python3 bench/upstream_ratio.py --upstream .carry/upstream/train_gpt.py --mirror .carry/sp1024_mirror \
+    --steps "${UPSTREAM_STEPS:-60}" --out "$OUT/upstream_ratio.json" 2>&1 | tail -8
 fi
