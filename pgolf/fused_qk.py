@@ -126,7 +126,9 @@ if triton is not None:
 
 
 def _blocks(D: int, RD: int) -> dict:
-    """Constexpr tile sizes for head dim D with the first 2 RD dims rotated."""
+    """Constexpr tile sizes for head dim D with the first 2 RD dims rotated. Plain ints where a dynamic-shape compile
+    (the LoRA TTT's) traces them as symbols: a graph specializes on the head's dims, never on the rows."""
+    D, RD = int(D), int(RD)
     rest = D - 2 * RD
     return dict(D=D, RD=RD, REST=rest, BLOCK_N=BLOCK_ROWS, BLOCK_RD=triton.next_power_of_2(RD),
                 BLOCK_REST=triton.next_power_of_2(max(rest, 1)), BLOCK_D=triton.next_power_of_2(D))

@@ -64,3 +64,35 @@ def test_fused_path_is_off_on_cpu_without_the_interpreter():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter is on in this process")
     assert not fused_qk.usable(torch.zeros(1, 1, 8))
+
+
+def test_a_dynamic_shape_trace_launches_on_symbolic_rows_and_fixed_tiles():
+    """Under a dynamic-shape compile (the LoRA TTT's) the triton ops' bodies are traced with symbolic sizes: the grid
+    follows the rows (B * T) as a symbol, the kernels' constexprs (head dims, tiles) are plain ints."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pgolf import fused_qk
+    launches = []
+
+    class Recorder:  # stands in for torch.library.wrap_triton: records each launch instead of running it
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.kernel, grid, meta))
+
+    H, KV, D, rd = 4, 2, 16, 6
+    qkv, cos = torch.randn(2, 37, (H + 2 * KV) * D), torch.randn(37, rd)
+    gain, dq, dk, dv = torch.ones(H), torch.randn(2, 37, H, D), torch.randn(2, 37, KV, D), torch.randn(2, 37, KV, D)
+    make_fx(lambda qkv, cos: fused_qk._launch_forward(qkv, cos, cos, gain, H, KV, Recorder),
+            tracing_mode="symbolic")(qkv, cos)
+    make_fx(lambda dq, dk, dv, qkv, cos: fused_qk._launch_backward(dq, dk, dv, qkv, cos, cos, gain, H, KV, Recorder),
+            tracing_mode="symbolic")(dq, dk, dv, qkv, cos)
+    assert [k for k, _, _ in launches] == [fused_qk._fwd_kernel, fused_qk._bwd_kernel]
+    for _, (rows, heads), meta in launches:
+        assert isinstance(rows, torch.SymInt) and heads == H + 2 * KV
+        constexprs = {k: v for k, v in meta.items() if k.isupper()}
+        assert all(type(v) is int for v in constexprs.values()), constexprs
+        assert constexprs | {"BLOCK_N": 0} == dict(H=H, KV=KV, D=D, RD=rd, REST=D - 2 * rd, BLOCK_N=0, BLOCK_RD=8,
+                                                   BLOCK_REST=4, BLOCK_D=16)
