@@ -40,7 +40,8 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"
 # the GPU's clocks, temperature, power and throttle reasons every 2 s: a call whose steps all run slow shows why
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
   --format=csv -l 2 > "$OUT/gpu_clocks.csv" 2>&1 &
-trap 'kill $! 2>/dev/null' EXIT
+SMI=$!  # not $! in the trap: by the exit it names the last job started (SPREAD's)
+trap 'kill $SMI 2>/dev/null' EXIT
 for check in ${CHECKS:-}; do echo "=== $check"; timeout 300 python3 "$check" 2>&1 | tail -12; done
 [ "${ATTENTION:-1}" = 1 ] && python3 bench/doc_attention.py --mirror $MIRROR --out "$OUT/doc_attention.json" 2>&1 | tail -8
 [ "${PARITY:-1}" = 1 ] && python3 bench/record_parity.py --record .carry/record/train_gpt.py --mirror $MIRROR \
