@@ -97,7 +97,7 @@ def profile(trainer: Trainer, steps: int, passes: int, trace: str = "") -> None:
         if e.key.startswith("optimizer."):
             print(f"{e.key}: host {e.cpu_time_total / steps / 1e3:.2f} ms/step, "
                   f"device {e.device_time_total / steps / 1e3:.2f} ms/step")
-        elif e.key.startswith("pgolf::"):  # custom ops: their dispatch and launch, once per layer and micro-batch
+        elif e.key.startswith("pgolf::"):  # custom ops (an older pgolf on PYTHONPATH): dispatch and launch
             print(f"{e.key}: host {e.cpu_time_total / e.count:.0f} us a call, {e.count / steps:.0f} calls a step")
     rows = kernel_breakdown(kernels, steps)
     print(f"kernels: {len(kernels) / steps:.0f} a step; device ms a step: "
