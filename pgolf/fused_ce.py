@@ -67,7 +67,8 @@ def _launch_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
     N, V = logits.shape
     losses = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(losses)
-    wrap(_fwd_kernel)[(N,)](logits, targets, losses, lse, logits.stride(0), V, softcap, BLOCK=BLOCK_V, num_warps=NUM_WARPS)
+    wrap(_fwd_kernel)[(N,)](logits, targets, losses, lse, logits.stride(0), V, softcap, BLOCK=BLOCK_V,
+                            num_warps=NUM_WARPS)
     return losses, lse
 
 
@@ -75,8 +76,8 @@ def _launch_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Ten
                      softcap: float, wrap=unwrapped) -> torch.Tensor:
     N, V = logits.shape
     dlogits = torch.empty_like(logits)
-    wrap(_bwd_kernel)[(N,)](logits, targets, lse, grad.contiguous(), dlogits, logits.stride(0), V, softcap, BLOCK=BLOCK_V,
-                      num_warps=NUM_WARPS)
+    wrap(_bwd_kernel)[(N,)](logits, targets, lse, grad.contiguous(), dlogits, logits.stride(0), V, softcap,
+                            BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     return dlogits
 
 
@@ -84,6 +85,12 @@ def _setup_context(ctx, inputs, output):
     logits, targets, softcap = inputs
     ctx.save_for_backward(logits, targets, output[1])
     ctx.softcap = softcap
+
+
+def _grads(ctx, grad, _grad_lse, launch_backward=_launch_backward):
+    """The logits' gradient from the saved context, by `launch_backward`: the kernels eager, the backward op compiled."""
+    logits, targets, lse = ctx.saved_tensors
+    return launch_backward(logits, targets, lse, grad, ctx.softcap), None, None
 
 
 @functools.cache
@@ -99,11 +106,8 @@ def define_compiled_ops() -> None:
                  softcap: float) -> torch.Tensor:
         return _launch_backward(logits, targets, lse, grad, softcap, torch.library.wrap_triton)
 
-    def grads(ctx, grad, _grad_lse):
-        logits, targets, lse = ctx.saved_tensors
-        return backward(logits, targets, lse, grad, ctx.softcap), None, None
-
-    forward.register_autograd(grads, setup_context=_setup_context)
+    forward.register_autograd(lambda ctx, grad, grad_lse: _grads(ctx, grad, grad_lse, backward),
+                              setup_context=_setup_context)
 
 
 class _EagerSoftcappedCE(torch.autograd.Function):
@@ -114,10 +118,7 @@ class _EagerSoftcappedCE(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
         return losses, lse
 
-    @staticmethod
-    def backward(ctx, grad, _grad_lse):
-        logits, targets, lse = ctx.saved_tensors
-        return _launch_backward(logits, targets, lse, grad, ctx.softcap), None, None
+    backward = staticmethod(_grads)
 
 
 def softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:

@@ -182,6 +182,13 @@ def _setup_context(ctx, inputs, output):
     ctx.heads, ctx.kv_heads = heads, kv_heads
 
 
+def _grads(ctx, dq, dk, dv, launch_backward=_launch_backward):
+    """The inputs' gradients from the saved context, by `launch_backward`: the kernels eager, the backward op compiled."""
+    qkv, cos, sin, gain = ctx.saved_tensors
+    dqkv, dgain = launch_backward(dq, dk, dv, qkv, cos, sin, gain, ctx.heads, ctx.kv_heads)
+    return dqkv, None, None, dgain, None, None
+
+
 @functools.cache
 def define_compiled_ops() -> None:
     """Defines torch.ops.pgolf.qk_norm_rope (and its backward), which a compiled model calls: triton ops, whose
@@ -199,12 +206,7 @@ def define_compiled_ops() -> None:
                  sin: torch.Tensor, gain: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch_backward(dq, dk, dv, qkv, cos, sin, gain, heads, kv_heads, torch.library.wrap_triton)
 
-    def grads(ctx, dq, dk, dv):
-        qkv, cos, sin, gain = ctx.saved_tensors
-        dqkv, dgain = backward(dq, dk, dv, qkv, cos, sin, gain, ctx.heads, ctx.kv_heads)
-        return dqkv, None, None, dgain, None, None
-
-    forward.register_autograd(grads, setup_context=_setup_context)
+    forward.register_autograd(lambda ctx, dq, dk, dv: _grads(ctx, dq, dk, dv, backward), setup_context=_setup_context)
 
 
 class _EagerQKNormRope(torch.autograd.Function):
@@ -213,11 +215,7 @@ class _EagerQKNormRope(torch.autograd.Function):
         _setup_context(ctx, (qkv, cos, sin, gain, heads, kv_heads), None)
         return _launch_forward(qkv, cos, sin, gain, heads, kv_heads)
 
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        qkv, cos, sin, gain = ctx.saved_tensors
-        dqkv, dgain = _launch_backward(dq, dk, dv, qkv, cos, sin, gain, ctx.heads, ctx.kv_heads)
-        return dqkv, None, None, dgain, None, None
+    backward = staticmethod(_grads)
 
 
 def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_gain: torch.Tensor,
