@@ -28,7 +28,7 @@ def usable(logits: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _fwd_kernel(logits, targets, losses, lse, stride, V, softcap, BLOCK: tl.constexpr):
+    def _fwd_kernel(logits, targets, losses, lse, stride, V, softcap: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         src = logits + row * stride
         two_c, inv = 2.0 * softcap, 2.0 / softcap
@@ -48,7 +48,7 @@ if triton is not None:
         tl.store(lse + row, total)
 
     @triton.jit
-    def _bwd_kernel(logits, targets, lse, grad_losses, dlogits, stride, V, softcap, BLOCK: tl.constexpr):
+    def _bwd_kernel(logits, targets, lse, grad_losses, dlogits, stride, V, softcap: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         src, dst = logits + row * stride, dlogits + row * stride
         two_c, inv = 2.0 * softcap, 2.0 / softcap
@@ -67,7 +67,7 @@ def _launch_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
     N, V = logits.shape
     losses = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(losses)
-    wrap(_fwd_kernel)[(N,)](logits, targets, losses, lse, logits.stride(0), V, softcap, BLOCK=BLOCK_V,
+    wrap(_fwd_kernel)[(N,)](logits, targets, losses, lse, logits.stride(0), V, softcap=softcap, BLOCK=BLOCK_V,
                             num_warps=NUM_WARPS)
     return losses, lse
 
@@ -76,7 +76,7 @@ def _launch_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Ten
                      softcap: float, wrap=unwrapped) -> torch.Tensor:
     N, V = logits.shape
     dlogits = torch.empty_like(logits)
-    wrap(_bwd_kernel)[(N,)](logits, targets, lse, grad.contiguous(), dlogits, logits.stride(0), V, softcap,
+    wrap(_bwd_kernel)[(N,)](logits, targets, lse, grad.contiguous(), dlogits, logits.stride(0), V, softcap=softcap,
                             BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     return dlogits
 

@@ -63,7 +63,7 @@ if triton is not None:
         return tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1) + tl.sum(x3 * x3, 1)) / D + eps)[:, None]
 
     @triton.jit
-    def _fwd_kernel(qkv, cos, sin, gain, q_out, k_out, v_out, N, T, eps,
+    def _fwd_kernel(qkv, cos, sin, gain, q_out, k_out, v_out, N, T, eps: tl.constexpr,
                     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, REST: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr,
                     BLOCK_D: tl.constexpr):
@@ -89,8 +89,8 @@ if triton is not None:
             tl.store(v_out + rows[:, None] * (KV * D) + (h - H - KV) * D + d, v, mask=rows_mask & (d < D))
 
     @triton.jit
-    def _bwd_kernel(dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, N, T, eps,
-                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    def _bwd_kernel(dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, N, T,
+                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, eps: tl.constexpr,
                     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, REST: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_RD: tl.constexpr, BLOCK_REST: tl.constexpr,
                     BLOCK_D: tl.constexpr):
@@ -155,7 +155,7 @@ def _launch_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gai
     B, T, _ = qkv.shape
     q, k, v = _new_qkv(qkv, heads, kv_heads)
     wrap(_fwd_kernel)[_grid(B * T, heads, kv_heads)](
-        qkv, cos, sin, gain, q, k, v, B * T, T, EPS, H=heads, KV=kv_heads, **_blocks(q.size(-1), cos.size(-1)),
+        qkv, cos, sin, gain, q, k, v, B * T, T, eps=EPS, H=heads, KV=kv_heads, **_blocks(q.size(-1), cos.size(-1)),
         num_warps=NUM_WARPS)
     return q, k, v
 
@@ -170,9 +170,9 @@ def _launch_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: 
     dqkv = torch.empty_like(qkv)
     dgain_parts = torch.empty(grid[0], heads + kv_heads, device=qkv.device, dtype=torch.float32)
     wrap(_bwd_kernel)[grid](
-        dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, B * T, T, EPS,
+        dq, dk, dv, qkv, cos, sin, gain, dqkv, dgain_parts, B * T, T,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)), num_warps=NUM_WARPS)
+        eps=EPS, H=heads, KV=kv_heads, **_blocks(D, cos.size(-1)), num_warps=NUM_WARPS)
     return dqkv, dgain_parts[:, :heads].sum(0).to(gain.dtype)
 
 
