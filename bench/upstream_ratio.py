@@ -9,9 +9,10 @@ FineWeb-format mirror of vocabulary 1024 (`pgolf mirror CORPUS --vocab 1024 --ou
 timed steps, stopped at its last one (its final eval and int8 export are not waited for). Its ms/step comes from the
 train_time it logs (synchronized by the loss it prints) between step SKIP and the last. pgolf's side is
 bench/train_throughput.py --config baseline on the same shards and steps, once per --micro (its micro-batch tokens,
-the global batch the same), each in a process of its own, after upstream's. Prints one table with the ratios (upstream
-ms/step ÷ pgolf's); writes --out, and with --results `throughput_vs_anchors.upstream_ratio` (pgolf's fastest
-micro-batch) and `upstream_ratio_micro_65536` (upstream's own geometry) in that file.
+the global batch the same), each in a process of its own, after upstream's. Prints each side's row as it ends, then
+the table with the ratios (upstream ms/step ÷ pgolf's); writes --out after each side (a run cut by its call's limit
+keeps the rows it finished), and with --results `throughput_vs_anchors.upstream_ratio` (pgolf's fastest micro-batch
+so far) and `upstream_ratio_micro_65536` (upstream's own geometry) in that file.
 """
 
 import argparse
@@ -93,19 +94,29 @@ def main() -> None:
     last = f"step:{args.steps}/{args.steps} train_loss:"
     out, _, seconds = run_anchor(args.upstream.resolve(), upstream_env(data, tok, args.steps, args.seed), log,
                                  args.budget_s, lambda line: line.startswith(last))
+    sides = []
     try:
         up = parse_upstream(out, args.steps) | {"wall_s": round(seconds, 1)}
-        sides = [run_pgolf(data, args.steps, m) for m in args.micro]
+        print(f"upstream: {up['ms_per_step']:.1f} ms/step, {up['tokens_per_s']:,} tokens/s", flush=True)
+        save(args, up, sides)
+        for micro in args.micro:  # saved after each: a run cut by its call's limit keeps the rows finished
+            sides.append(run_pgolf(data, args.steps, micro))
+            text = save(args, up, sides)
+            print(text.splitlines()[-1], flush=True)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"upstream_ratio: {e} (upstream's log: {log})")
-    text, ratios = table(up, sides)
     print(text)
+
+
+def save(args: argparse.Namespace, up: dict, sides: list[dict]) -> str:
+    """--out (and with --results its entries) from upstream's side and pgolf's sides so far; the table."""
     import torch
 
-    result = {"gpu": torch.cuda.get_device_name(), "steps": args.steps, "batch_tokens": BATCH_TOKENS,
-              "upstream": up, "pgolf": sides, "ratios_by_micro": ratios, "table": text}
+    text, ratios = table(up, sides)
+    result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": args.steps,
+              "batch_tokens": BATCH_TOKENS, "upstream": up, "pgolf": sides, "ratios_by_micro": ratios, "table": text}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if args.results:
+    if args.results and ratios:
         results = json.loads(args.results.read_text())
         anchors = results.setdefault("throughput_vs_anchors", {})
         anchors["upstream_ratio"] = max(ratios.values())
@@ -113,7 +124,7 @@ def main() -> None:
             anchors["upstream_ratio_micro_65536"] = ratios[65_536]
         anchors["upstream_side_by_side"] = {k: v for k, v in result.items() if k != "table"}
         args.results.write_text(json.dumps(results, indent=1) + "\n")
-
+    return text
 
 if __name__ == "__main__":
     main()

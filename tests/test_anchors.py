@@ -1,6 +1,7 @@
 """The anchor benches' runner and parsers: an anchor's script stopped where asked, with the processes it started, and
 upstream's log read into ms/step as its own clock gives them."""
 
+import json
 import os
 import textwrap
 import time
@@ -78,3 +79,27 @@ def test_the_ratio_table_is_upstreams_ms_over_pgolfs(monkeypatch):
     text, ratios = ratio.table(up, sides)
     assert ratios == {65_536: round(310.2 / 207.9, 4), 131_072: round(310.2 / 155.1, 4)}
     assert "| pgolf, baseline config | 131,072 | 155.1 |" in text and "**2.000**" in text
+
+
+def test_a_run_cut_after_its_first_pgolf_side_keeps_upstream_and_that_side(monkeypatch, tmp_path):
+    ratio = bench_module(monkeypatch, "upstream_ratio")
+    monkeypatch.setattr(ratio, "dataset", lambda mirror: (tmp_path, tmp_path / "tok.model"))
+    monkeypatch.setattr(ratio, "run_anchor",
+                        lambda *a: (upstream_log(20, [300.0] * 20, [5.0] * 20), -9, 30.0))
+    sides = iter([{"ms_per_step": 200.0, "tokens_per_s": 2_621_440, "final_loss": 4.9, "micro_batch_tokens": 65_536}])
+
+    def run_pgolf(data, steps, micro):
+        side = next(sides, None)
+        if side is None:  # the second side never ends: the call's limit
+            raise KeyboardInterrupt
+        return side
+
+    monkeypatch.setattr(ratio, "run_pgolf", run_pgolf)
+    out = tmp_path / "upstream_ratio.json"
+    monkeypatch.setattr("sys.argv", ["upstream_ratio.py", "--upstream", "train_gpt.py", "--mirror", str(tmp_path),
+                                     "--steps", "20", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        ratio.main()
+    saved = json.loads(out.read_text())
+    assert saved["upstream"]["ms_per_step"] == 300.0 and len(saved["pgolf"]) == 1
+    assert saved["ratios_by_micro"] == {"65536": 1.5}
