@@ -96,27 +96,27 @@ def main() -> None:
     last = f"step:{args.steps}/{args.steps} train_loss:"
     out, _, seconds = run_anchor(args.upstream.resolve(), upstream_env(data, tok, args.steps, args.seed), log,
                                  args.budget_s, lambda line: line.startswith(last))
-    sides = []
+    import torch
+
+    gpu, sides = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", []
     try:
         up = parse_upstream(out, args.steps) | {"wall_s": round(seconds, 1)}
         print(f"upstream: {up['ms_per_step']:.1f} ms/step, {up['tokens_per_s']:,} tokens/s", flush=True)
-        save(args, up, sides)
+        save(args, gpu, up, sides)
         for micro in args.micro:  # saved after each: a run cut by its call's limit keeps the rows finished
             sides.append(run_pgolf(data, args.steps, micro))
-            text = save(args, up, sides)
+            text = save(args, gpu, up, sides)
             print(text.splitlines()[-1], flush=True)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"upstream_ratio: {e} (upstream's log: {log})")
     print(text)
 
 
-def save(args: argparse.Namespace, up: dict, sides: list[dict]) -> str:
+def save(args: argparse.Namespace, gpu: str, up: dict, sides: list[dict]) -> str:
     """--out (and with --results its entries) from upstream's side and pgolf's sides so far; the table."""
-    import torch
-
     text, ratios = table(up, sides)
-    result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": args.steps,
-              "batch_tokens": BATCH_TOKENS, "upstream": up, "pgolf": sides, "ratios_by_micro": ratios, "table": text}
+    result = {"gpu": gpu, "steps": args.steps, "batch_tokens": BATCH_TOKENS, "upstream": up, "pgolf": sides,
+              "ratios_by_micro": ratios, "table": text}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.results and ratios:
         results = json.loads(args.results.read_text())
@@ -127,6 +127,7 @@ def save(args: argparse.Namespace, up: dict, sides: list[dict]) -> str:
         anchors["upstream_side_by_side"] = {k: v for k, v in result.items() if k != "table"}
         args.results.write_text(json.dumps(results, indent=1) + "\n")
     return text
+
 
 if __name__ == "__main__":
     main()

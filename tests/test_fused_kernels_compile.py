@@ -26,10 +26,15 @@ class Recorder:
         self.launches = []
 
     def __call__(self, kernel):
-        def launch(*args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-            self.launches.append((kernel, dict(zip(kernel.arg_names, args)) | kwargs))
-        return type("Launcher", (), {"__getitem__": lambda _, grid: launch})()
+        self.kernel = kernel
+        return self
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    def launch(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        self.launches.append((self.kernel, dict(zip(self.kernel.arg_names, args)) | kwargs))
 
 
 def inductor_signature(kernel, bound: dict) -> tuple[dict, dict]:
