@@ -4,7 +4,8 @@
     python bench/doc_attention.py --mirror DIR [--rows 12] [--seq-len 2048] [--flex-grid best.json]   (CUDA only)
 
 The documents are the first rows x seq-len tokens of DIR's first train shard (a `pgolf mirror`), cut at each BOS as
-pgolf's trainer cuts them. Forward + backward of (rows, seq-len, 8 heads, 4 KV heads, head dim 64) bf16, timed with
+pgolf's trainer cuts them (--bos-id -1: at row starts only, so every backend computes plain causal attention, the
+baseline config's). Causal cuDNN runs on pgolf's (B, T, H, D) views and on (B, H, T, D) copies. Forward + backward of (rows, seq-len, 8 heads, 4 KV heads, head dim 64) bf16, timed with
 triton's do_bench; each masked backend's output is compared with the other's. Prints a table, writes --out.
 With --flex-grid, FlexAttention's kernel configs are timed too: each forward candidate on the forward, then each
 backward candidate on forward + backward behind the fastest forward; the fastest pair is written to the file named
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from triton.testing import do_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,17 +93,23 @@ def main() -> None:
               .requires_grad_() for h in (H, KV, KV)]
     grad = torch.randn(args.rows, args.seq_len, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     masks = {b: attention.document_mask(idx, args.bos_id, b) for b in ("flex", "varlen")}
+    # the same q, k, v laid out (B, H, T, D) in memory, as SDPA's kernels index them (pgolf's are transposed views)
+    heads_first = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in leaves]
 
     def run(backend: str):
         if backend == "causal cuDNN":
             return attention.attention(*leaves)
+        if backend == "causal cuDNN, heads first":
+            with sdpa_kernel(attention.CUDA_SDPA_ORDER):
+                return F.scaled_dot_product_attention(*heads_first, is_causal=True, enable_gqa=True).transpose(1, 2)
         return attention.attention(*leaves, masks[backend])
 
     rows, outs = [], {}
-    for backend in ("flex", "varlen", "causal cuDNN"):
+    for backend in ("flex", "varlen", "causal cuDNN", "causal cuDNN, heads first"):
+        wrt = heads_first if backend.endswith("heads first") else leaves
         outs[backend] = run(backend).float()
         fwd = do_bench(lambda: run(backend), warmup=25, rep=200)
-        both = do_bench(lambda: torch.autograd.grad(run(backend), leaves, grad), warmup=25, rep=200)
+        both = do_bench(lambda: torch.autograd.grad(run(backend), wrt, grad), warmup=25, rep=200)
         rows.append({"backend": backend, "forward_ms": round(fwd, 3), "forward_backward_ms": round(both, 3)})
     diff = (outs["flex"] - outs["varlen"]).abs().max().item()
     docs = int((idx == args.bos_id).sum()) + args.rows
