@@ -228,23 +228,25 @@ def record_targets(n_tokens: int, seq_len: int) -> int:
 
 
 def phase_rates(trace: list, batch_tokens: int, steps: int) -> dict:
+    """ms/step and tokens/s over each phase's logged steps (its first logged step past step 1's compile, to its
+    last); NaN where the run stopped before two log intervals of the phase."""
     clock = {s: t for s, t, _ in trace}
     out = {}
     for name, (fa, fb) in PHASES.items():
-        a = round(fa * steps / LOG_EVERY) * LOG_EVERY  # a logged step
-        b = min(round(fb * steps / LOG_EVERY) * LOG_EVERY, max(clock, default=0))  # a run stopped early: so far
-        if a in clock and b >= a + 25:
+        a = max(LOG_EVERY, math.ceil(fa * steps / LOG_EVERY - 1e-9) * LOG_EVERY)
+        b = min(int(fb * steps + 1e-9) // LOG_EVERY * LOG_EVERY, max(clock, default=0))  # a run stopped early: so far
+        if a in clock and b in clock and b >= a + 2 * LOG_EVERY:
             sec = (clock[b] - clock[a]) / (b - a)
             out[name] = {"ms_per_step": round(1000 * sec, 1), "tokens_per_s": round(batch_tokens / sec)}
-        else:  # the run stopped before the phase ended
+        else:
             out[name] = {"ms_per_step": float("nan"), "tokens_per_s": float("nan")}
     return out
 
 
-def summary(side: dict, batch_tokens: int, steps: int, last_step: int) -> dict:
-    """The side's figures; its mean train loss over the 100 steps up to last_step (the last both sides logged)."""
-    last = [l for s, _, l in side["trace"] if last_step - 100 < s <= last_step]
-    return {"mean_loss_last_100": sum(last) / len(last) if last else float("nan"),
+def summary(side: dict, batch_tokens: int, steps: int, common: list[int]) -> dict:
+    """The side's figures; its mean train loss over `common`, the last 100 steps' logged steps both sides logged."""
+    loss = {s: l for s, _, l in side["trace"]}
+    return {"mean_loss_last_100": sum(loss[s] for s in common) / len(common) if common else float("nan"),
             "phases": phase_rates(side["trace"], batch_tokens, steps),
             **{k: v for k, v in side.items() if k != "trace"}}
 
@@ -252,7 +254,8 @@ def summary(side: dict, batch_tokens: int, steps: int, last_step: int) -> dict:
 def table(rec: dict, pg: dict, batch_tokens: int, steps: int, concurrent: bool = False) -> tuple[str, dict]:
     ra, rb = ({s: l for s, _, l in x["trace"]} for x in (rec, pg))
     last = max(set(ra) & set(rb), default=steps)
-    a, b = summary(rec, batch_tokens, steps, last), summary(pg, batch_tokens, steps, last)
+    common = sorted(s for s in set(ra) & set(rb) if last - 100 < s)  # the record logs steps 1-5, pgolf 1 and 5
+    a, b = summary(rec, batch_tokens, steps, common), summary(pg, batch_tokens, steps, common)
     lines = ["| step | record loss | pgolf loss | diff |", "|---|---|---|---|"]
     for s in sorted(set(ra) & set(rb)):
         if s % 25 == 0 or s == 1:
@@ -262,7 +265,7 @@ def table(rec: dict, pg: dict, batch_tokens: int, steps: int, concurrent: bool =
     def row(name, x, y, fmt, ratio=True):
         lines.append(f"| {name} | {fmt.format(x)} | {fmt.format(y)} | " + (f"{y / x:.3f} |" if ratio else f"{y - x:+.4f} |"))
 
-    row(f"mean train loss, steps {last - 99}-{last}", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
+    row(f"mean train loss, steps {max(1, last - 99)}-{last}", a["mean_loss_last_100"], b["mean_loss_last_100"], "{:.4f}", False)
     for w in ("raw", "ema"):
         same = b.get(f"val_bpb_{w}_record_targets", float("nan"))  # absent from logs of earlier calls
         row(f"pre-quant val bpb, {w} weights, the record's targets and contexts", a[f"val_bpb_{w}"], same, "{:.4f}", False)

@@ -348,3 +348,32 @@ def test_the_parity_bench_runs_pgolfs_side_with_preset_changes_checked_as_params
             record_parity.preset_with(preset, [bad], tmp_path)
         assert says in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == [out]  # a refused change leaves no file
+
+
+def test_the_parity_bench_times_each_phase_on_its_own_steps_and_means_the_loss_over_steps_both_logged(monkeypatch):
+    """record_parity.py's phases: steps 10-100 and 125-300 of a 300-step run; in a 60-step run (the 8-GPU micro-batch
+    at fixed device time) steps 5-20 and 25-60, neither reaching into step 1's compile nor the loop switch's. The
+    train loss mean covers only the steps both sides logged (the record logs steps 1-5, pgolf 1 and 5)."""
+    record_parity = bench_module(monkeypatch, "record_parity")
+
+    def trace(steps: int, logged: list[int], loss=lambda s: 1.0) -> list:
+        # step 1 compiles (100 s), steps before the loop switch at 35 % take 1 s, after it 2 s
+        clock = np.cumsum([0.0, 100.0] + [1.0 if s <= 0.35 * steps else 2.0 for s in range(2, steps + 1)])
+        return [(s, float(clock[s]), loss(s)) for s in logged]
+
+    for steps, before, after in ((300, (10, 100), (125, 300)), (60, (5, 20), (25, 60))):
+        pgolf_steps = [1] + list(range(5, steps + 1, 5))
+        rates = record_parity.phase_rates(trace(steps, pgolf_steps), 1000, steps)
+        assert rates["before loops"] == {"ms_per_step": 1000.0, "tokens_per_s": 1000}, steps
+        assert rates["after loops"] == {"ms_per_step": 2000.0, "tokens_per_s": 500}, steps
+        assert all(s in pgolf_steps for s in before + after)
+    cut = record_parity.phase_rates(trace(300, [1] + list(range(5, 135, 5))), 1000, 300)
+    assert cut["before loops"]["ms_per_step"] == 1000.0 and np.isnan(cut["after loops"]["ms_per_step"])
+
+    record_steps, pgolf_steps = [1, 2, 3, 4] + list(range(5, 61, 5)), [1] + list(range(5, 61, 5))
+    rec = {"trace": trace(60, record_steps, lambda s: 9.0 if s in (2, 3, 4) else 3.0), "peak_memory_gib": 1.0,
+           "val_bpb_raw": 1.0, "val_bpb_ema": 1.0}
+    pg = {**rec, "trace": trace(60, pgolf_steps, lambda s: 3.0)}
+    _, result = record_parity.table(rec, pg, 1000, 60)
+    assert result["loss_diff_last_100"] == 0.0  # steps 2-4, the record's alone, left out
+    assert result["tokens_per_s_ratio_min"] == 1.0
