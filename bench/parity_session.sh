@@ -16,8 +16,8 @@
 #   ATTENTION=0 SPEED_ONLY=1 PGOLF_ATTENTION=flex PGOLF_INIT=record RECORD_S=420 bash bench/parity_session.sh
 #     (PGOLF_FIRST=1: pgolf's side first, the record's cold compiles last)
 #     (SPEED_ONLY: the record script stopped at its last training step, its eval's compiles not waited for: no val
-#     bpb on its side, and a fresh machine's parity call fits 600 s; BATCH=786432 STEPS=100: a rank's micro-batch on 8
-#     GPUs, 98,304 tokens, instead of 24,576)
+#     bpb on its side, and a fresh machine's parity call fits 600 s; BATCH=786432 STEPS=60 RECORD_S=370: a rank's
+#     micro-batch on 8 GPUs, 98,304 tokens, instead of 24,576: 577 s on a fresh H200, the record's last step at 364 s)
 #   PARITY=0 ATTENTION=0 EVAL=1 EVAL_S=400 EVAL_ARGS="--cuda-graphs --cheaper 96x2048 96x1024" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 AB=";--pack span;--doc-attention varlen;--compile-mode cuda_graphs" bash bench/parity_session.sh
 #   ATTENTION=0 PARITY=0 PGOLF_ATTENTION=flex SPREAD="43 44 45" bash bench/parity_session.sh
