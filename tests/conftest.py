@@ -110,6 +110,22 @@ FAST_PIPELINE = {
 }
 
 
+class LaunchRecorder:
+    """Stands in for `torch.library.wrap_triton` (a fused kernel launcher's `wrap`): records each launch as (kernel,
+    grid, positional arguments, keyword arguments) instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        self.kernel = kernel
+        return self
+
+    def __getitem__(self, grid):
+        kernel = self.kernel
+        return lambda *args, **kwargs: self.launches.append((kernel, grid, args, kwargs))
+
+
 def in_triton_interpreter(script: str) -> str:
     """Run `script` in a new interpreter with TRITON_INTERPRET=1 (Triton reads it once, when it is imported), the
     Triton kernels on the CPU; returns its output, failing the test with its end where it fails."""

@@ -14,27 +14,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from conftest import LaunchRecorder  # noqa: E402
+
 from pgolf import fused_ce, fused_qk  # noqa: E402
 
 POINTER = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32"}
-
-
-class Recorder:
-    """Stands in for `torch.library.wrap_triton`: records each launch (kernel, arguments by name) instead of running."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, kernel):
-        self.kernel = kernel
-        return self
-
-    def __getitem__(self, grid):
-        return self.launch
-
-    def launch(self, *args, **kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-        self.launches.append((self.kernel, dict(zip(self.kernel.arg_names, args)) | kwargs))
 
 
 def inductor_signature(kernel, bound: dict) -> tuple[dict, dict]:
@@ -53,7 +37,8 @@ def inductor_signature(kernel, bound: dict) -> tuple[dict, dict]:
 
 
 def launches() -> list:
-    rec = Recorder()
+    """Each kernel's launch as its launcher makes it: (kernel, its arguments by name)."""
+    rec = LaunchRecorder()
     N, V = 6, 8192
     logits, targets = torch.randn(N, V, dtype=torch.bfloat16), torch.randint(0, V, (N,))
     fused_ce._launch_forward(logits, targets, 30.0, rec)
@@ -63,7 +48,9 @@ def launches() -> list:
                            torch.randn(T, RD), torch.ones(H))
     q, k, v = fused_qk._launch_forward(qkv, cos, sin, gain, H, KV, rec)
     fused_qk._launch_backward(q, k, v, qkv, cos, sin, gain, H, KV, rec)
-    return rec.launches
+    tuning = ("num_warps", "num_stages")
+    return [(kernel, dict(zip(kernel.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in tuning})
+            for kernel, _, args, kwargs in rec.launches]
 
 
 def test_each_kernel_compiles_for_sm90_in_fp32_with_inductors_argument_types():

@@ -4,7 +4,7 @@ import os
 import textwrap
 
 import pytest
-from conftest import in_triton_interpreter
+from conftest import LaunchRecorder, in_triton_interpreter
 
 pytest.importorskip("triton")
 
@@ -73,24 +73,16 @@ def test_a_dynamic_shape_trace_launches_on_symbolic_rows_and_fixed_tiles():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from pgolf import fused_qk
-    launches = []
-
-    class Recorder:  # stands in for torch.library.wrap_triton: records each launch instead of running it
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append((self.kernel, grid, meta))
-
+    rec = LaunchRecorder()
     H, KV, D, rd = 4, 2, 16, 6
     qkv, cos = torch.randn(2, 37, (H + 2 * KV) * D), torch.randn(37, rd)
     gain, dq, dk, dv = torch.ones(H), torch.randn(2, 37, H, D), torch.randn(2, 37, KV, D), torch.randn(2, 37, KV, D)
-    make_fx(lambda qkv, cos: fused_qk._launch_forward(qkv, cos, cos, gain, H, KV, Recorder),
+    make_fx(lambda qkv, cos: fused_qk._launch_forward(qkv, cos, cos, gain, H, KV, rec),
             tracing_mode="symbolic")(qkv, cos)
-    make_fx(lambda dq, dk, dv, qkv, cos: fused_qk._launch_backward(dq, dk, dv, qkv, cos, cos, gain, H, KV, Recorder),
+    make_fx(lambda dq, dk, dv, qkv, cos: fused_qk._launch_backward(dq, dk, dv, qkv, cos, cos, gain, H, KV, rec),
             tracing_mode="symbolic")(dq, dk, dv, qkv, cos)
-    assert [k for k, _, _ in launches] == [fused_qk._fwd_kernel, fused_qk._bwd_kernel]
-    for _, (rows, heads), meta in launches:
+    assert [k for k, _, _, _ in rec.launches] == [fused_qk._fwd_kernel, fused_qk._bwd_kernel]
+    for _, (rows, heads), _, meta in rec.launches:
         assert isinstance(rows, torch.SymInt) and heads == H + 2 * KV
         constexprs = {k: v for k, v in meta.items() if k.isupper()}
         assert all(type(v) is int for v in constexprs.values()), constexprs
