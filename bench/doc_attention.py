@@ -5,8 +5,9 @@
 
 The documents are the first rows x seq-len tokens of DIR's first train shard (a `pgolf mirror`), cut at each BOS as
 pgolf's trainer cuts them (--bos-id -1: at row starts only, so every backend computes plain causal attention, the
-baseline config's). Causal cuDNN runs on pgolf's (B, T, H, D) views and on (B, H, T, D) copies. Forward + backward of (rows, seq-len, 8 heads, 4 KV heads, head dim 64) bf16, timed with
-triton's do_bench; each masked backend's output is compared with the other's. Prints a table, writes --out.
+baseline config's). Causal cuDNN runs on pgolf's (B, T, H, D) views and on (B, H, T, D) copies. Forward + backward of
+(rows, seq-len, 8 heads, 4 KV heads, head dim 64) bf16, timed with triton's do_bench; each masked backend's output is
+compared with the other's. Prints a table, writes --out.
 With --flex-grid, FlexAttention's kernel configs are timed too: each forward candidate on the forward, then each
 backward candidate on forward + backward behind the fastest forward; the fastest pair is written to the file named
 (for `train_throughput.py --flex-options`, and pgolf.attention.FLEX_KERNEL_OPTIONS).
