@@ -48,10 +48,16 @@ PHASES = {"before loops": (1 / 30, 1 / 3), "after loops": (5 / 12, 1.0)}
 
 
 def dataset(mirror: Path) -> tuple[Path, Path]:
-    """The mirror's shard folder and tokenizer (the record's DATA_PATH and TOKENIZER_PATH)."""
-    manifest = json.loads((mirror / "datasets" / "manifest.json").read_text())
-    return (mirror / "datasets" / "datasets" / manifest["datasets"][0]["name"],
-            mirror / "datasets" / manifest["tokenizers"][0]["model_path"])
+    """The mirror's shard folder and tokenizer (the record's DATA_PATH and TOKENIZER_PATH); one line and exit where
+    DIR is no `pgolf mirror` folder."""
+    path = mirror / "datasets" / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        return (mirror / "datasets" / "datasets" / manifest["datasets"][0]["name"],
+                mirror / "datasets" / manifest["tokenizers"][0]["model_path"])
+    except (OSError, ValueError, LookupError, TypeError):
+        sys.exit(f"--mirror {mirror}: expected a `pgolf mirror` folder, whose {path.relative_to(mirror)} names a "
+                 "dataset and a tokenizer")
 
 
 def run_record(script: Path, mirror: Path, steps: int, batch_tokens: int, seed: int, log: Path,

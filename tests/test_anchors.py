@@ -103,3 +103,21 @@ def test_a_run_cut_after_its_first_pgolf_side_keeps_upstream_and_that_side(monke
     saved = json.loads(out.read_text())
     assert saved["upstream"]["ms_per_step"] == 300.0 and len(saved["pgolf"]) == 1
     assert saved["ratios_by_micro"] == {"65536": 1.5}
+
+
+def test_a_mirror_that_is_no_pgolf_mirror_stops_the_anchor_benches_with_one_line(monkeypatch, tmp_path):
+    """Both anchor benches read --mirror through record_parity.dataset: a folder without a manifest, or with one that
+    names no dataset, is one line naming --mirror, before anything runs."""
+    record_parity = bench_module(monkeypatch, "record_parity")
+    manifest = tmp_path / "datasets" / "manifest.json"
+    for text in (None, "{not json", json.dumps({"datasets": [], "tokenizers": []})):
+        if text is not None:
+            manifest.parent.mkdir(exist_ok=True)
+            manifest.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            record_parity.dataset(tmp_path)
+        assert str(e.value).startswith(f"--mirror {tmp_path}:") and "\n" not in str(e.value)
+    manifest.write_text(json.dumps({"datasets": [{"name": "fineweb10B_sp1024"}],
+                                    "tokenizers": [{"model_path": "tokenizers/sp1024.model"}]}))
+    assert record_parity.dataset(tmp_path) == (tmp_path / "datasets" / "datasets" / "fineweb10B_sp1024",
+                                               tmp_path / "datasets" / "tokenizers" / "sp1024.model")
